@@ -1,0 +1,25 @@
+"""Test set-up: eight fake CPU devices, configured before JAX initializes its backends."""
+
+import os
+
+NUM_DEVICES = 8
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={NUM_DEVICES}"
+)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+if jax.device_count() < NUM_DEVICES:  # pragma: no cover - a set-up error, not a test result
+    raise RuntimeError(
+        f"expected {NUM_DEVICES} CPU devices for the tests, got {jax.device_count()}: JAX was "
+        f"initialized before tests/conftest.py could set XLA_FLAGS."
+    )
+
+
+@pytest.fixture(scope="session")
+def mesh():
+    """A one-axis mesh named 'd' over the eight fake devices."""
+    return jax.make_mesh((NUM_DEVICES,), ("d",))

@@ -1,0 +1,723 @@
+"""Fashion-MNIST-style datasets for the training examples: loading, validation and batching.
+
+This module is library code for ``python -m train.lenet``. It depends only on numpy and the
+standard library; TensorFlow Datasets is imported lazily, and only when no local copy of the
+data is found. It never imports JAX: batches are numpy arrays, and the caller moves them to
+devices.
+
+Where the data comes from (:func:`load_dataset`), first match wins:
+
+1. ``data_dir`` (the program's ``--data-dir`` flag): a directory holding the four MNIST-format
+   IDX files. If it is given and the files are not there, that is an error.
+2. The environment variable ``JAXBN_DATA_DIR``: the same, or its subdirectory named after the
+   dataset (``fashion-mnist/``).
+3. Debian's ``/usr/share/datasets/<name>/`` (``apt-get install dataset-fashion-mnist``).
+4. TensorFlow Datasets' ``tfds.data_source(name)``, which downloads when online.
+
+Every problem with the data raises :class:`DataError` (a :class:`ValueError`) whose message
+names the file and says what was expected and what was found.
+
+Batching is deterministic: the order of epoch ``e`` is a pure function of ``(seed, e)``, so a
+run resumed at epoch ``k`` sees exactly the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gzip
+import os
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEBIAN_DATASETS_ROOT",
+    "ENV_VAR",
+    "IDX_FILES",
+    "DataError",
+    "Dataset",
+    "batches",
+    "find_idx_files",
+    "load_dataset",
+    "load_idx_dataset",
+    "load_tfds_dataset",
+    "num_batches",
+    "read_idx",
+    "to_float",
+    "write_idx",
+    "write_idx_dataset",
+]
+
+#: Root of Debian's dataset packages (``dataset-fashion-mnist`` installs
+#: ``/usr/share/datasets/fashion-mnist/``). Tests monkeypatch this.
+DEBIAN_DATASETS_ROOT = "/usr/share/datasets"
+
+#: Environment variable naming a directory with the IDX files (or with a subdirectory per
+#: dataset, e.g. ``$JAXBN_DATA_DIR/fashion-mnist/``).
+ENV_VAR = "JAXBN_DATA_DIR"
+
+#: Standard IDX file names (without ``.gz``), keyed by role.
+IDX_FILES: Mapping[str, str] = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+#: Number of classes of the IDX datasets we know; other names default to 10.
+KNOWN_NUM_CLASSES: Mapping[str, int] = {"mnist": 10, "fashion_mnist": 10, "kmnist": 10}
+
+_UBYTE = 0x08
+_DTYPE_NAMES = {
+    0x08: "unsigned byte",
+    0x09: "signed byte",
+    0x0B: "short",
+    0x0C: "int",
+    0x0D: "float",
+    0x0E: "double",
+}
+_TFDS_CHUNK = 4096
+_MAX_TFDS_ERROR_CHARS = 2000
+
+
+class DataError(ValueError):
+    """The data is missing, malformed, or inconsistent.
+
+    The message names the file (or ``tfds:<name>[<split>]``) and says what was expected and
+    what was found.
+    """
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Dataset:
+    """An image-classification dataset held in memory as numpy arrays.
+
+    Attributes:
+        train_images: ``(N, H, W, 1)`` uint8 training images.
+        train_labels: ``(N,)`` int32 training labels in ``[0, num_classes)``.
+        test_images: ``(M, H, W, 1)`` uint8 test images.
+        test_labels: ``(M,)`` int32 test labels in ``[0, num_classes)``.
+        name: Dataset name, e.g. ``"fashion_mnist"``.
+        source: Where the data came from: a directory path, or ``"tfds:<name>"``.
+        num_classes: Number of classes.
+    """
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray
+    test_labels: np.ndarray
+    name: str
+    source: str
+    num_classes: int
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """Shape ``(H, W, 1)`` of one image."""
+        return tuple(self.train_images.shape[1:])  # type: ignore[return-value]
+
+    def __repr__(self) -> str:
+        return (
+            f"Dataset(name={self.name!r}, source={self.source!r}, "
+            f"num_classes={self.num_classes}, "
+            f"train={'x'.join(map(str, self.train_images.shape))}, "
+            f"test={'x'.join(map(str, self.test_images.shape))})"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# IDX files.
+
+
+def _dims(shape: Sequence[int]) -> str:
+    return "x".join(str(d) for d in shape)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(
+            f"{path}: corrupt gzip file: expected a complete gzip stream, "
+            f"decompression failed with {type(e).__name__}: {e}"
+        ) from e
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e}") from e
+
+
+def read_idx(path: str | os.PathLike[str], ndim: int | None = None) -> np.ndarray:
+    """Reads an unsigned-byte IDX file (the MNIST format), gzip-compressed or raw.
+
+    The file is compressed when its name ends in ``.gz``. The header is validated: the magic
+    number must be ``0x000008NN`` (data type 0x08 = unsigned byte, ``NN`` dimensions), and the
+    payload must hold exactly the product of the dimensions in bytes.
+
+    Args:
+        path: The IDX file, e.g. ``train-images-idx3-ubyte.gz``.
+        ndim: Expected number of dimensions (3 for images, 1 for labels), or ``None`` to accept
+            what the header says.
+
+    Returns:
+        A uint8 array with the shape the header gives.
+
+    Raises:
+        DataError: The file is missing, not valid gzip, or its header or length is wrong.
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     p = write_idx(f"{d}/labels-idx1-ubyte.gz", np.array([3, 1, 4], np.uint8))
+        ...     read_idx(p, ndim=1)
+        array([3, 1, 4], dtype=uint8)
+    """
+    path = Path(path)
+    data = _read_bytes(path)
+    if len(data) < 4:
+        raise DataError(
+            f"{path}: truncated header: expected at least 4 bytes of magic number, "
+            f"file has {len(data)}"
+        )
+    magic = int.from_bytes(data[:4], "big")
+    expected_magic = f"0x000008{ndim:02X}" if ndim is not None else "0x000008NN"
+    if data[0] != 0 or data[1] != 0:
+        hint = " (it looks gzip-compressed; name it *.gz)" if data[:2] == b"\x1f\x8b" else ""
+        raise DataError(
+            f"{path}: bad magic number: expected {expected_magic} (IDX), "
+            f"found 0x{magic:08X}{hint}"
+        )
+    dtype_code, file_ndim = data[2], data[3]
+    if dtype_code != _UBYTE:
+        found = _DTYPE_NAMES.get(dtype_code, "unknown")
+        raise DataError(
+            f"{path}: wrong data type in magic number 0x{magic:08X}: expected 0x08 "
+            f"(unsigned byte), found 0x{dtype_code:02X} ({found})"
+        )
+    if ndim is not None and file_ndim != ndim:
+        raise DataError(
+            f"{path}: wrong number of dimensions in magic number 0x{magic:08X}: "
+            f"expected {ndim}, found {file_ndim}"
+        )
+    header_len = 4 + 4 * file_ndim
+    if len(data) < header_len:
+        raise DataError(
+            f"{path}: truncated header: expected {header_len} bytes for {file_ndim} "
+            f"dimensions, file has {len(data)}"
+        )
+    shape = tuple(
+        int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(file_ndim)
+    )
+    expected = int(np.prod(shape, dtype=np.int64))
+    found = len(data) - header_len
+    what = {3: "pixels", 1: "labels"}.get(file_ndim, "data")
+    if found < expected:
+        raise DataError(
+            f"{path}: truncated: header says {_dims(shape)} = {expected} bytes of {what}, "
+            f"file has {found}"
+        )
+    if found > expected:
+        raise DataError(
+            f"{path}: trailing data: header says {_dims(shape)} = {expected} bytes of "
+            f"{what}, file has {found} ({found - expected} extra)"
+        )
+    return np.frombuffer(data, np.uint8, offset=header_len).reshape(shape)
+
+
+def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> Path:
+    """Writes an array as an unsigned-byte IDX file (gzip-compressed if ``path`` ends in .gz).
+
+    Meant for tests and small tools that need tiny MNIST-format datasets; see also
+    :func:`write_idx_dataset`. The gzip header holds no timestamp or name, so output is reproducible.
+
+    Args:
+        path: Destination file. Parent directories are created.
+        array: Integer array with values in ``[0, 255]`` and 1 to 255 dimensions.
+
+    Returns:
+        ``path`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: The array is not integer, has values outside ``[0, 255]``, or has no
+            dimensions.
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     p = write_idx(f"{d}/x-idx3-ubyte", np.zeros((2, 3, 4), np.uint8))
+        ...     p.read_bytes()[:4].hex(), read_idx(p).shape
+        ('00000803', (2, 3, 4))
+    """
+    path = Path(path)
+    array = np.asarray(array)
+    if not (1 <= array.ndim <= 255):
+        raise ValueError(f"IDX needs 1 to 255 dimensions, got shape {array.shape}")
+    if array.dtype != np.uint8:
+        if not np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_:
+            raise ValueError(f"IDX ubyte needs integers, got dtype {array.dtype}")
+        if array.size and (array.min() < 0 or array.max() > 255):
+            raise ValueError(
+                f"IDX ubyte needs values in [0, 255], got [{array.min()}, {array.max()}]"
+            )
+        array = array.astype(np.uint8)
+    header = bytes([0, 0, _UBYTE, array.ndim]) + b"".join(
+        int(d).to_bytes(4, "big") for d in array.shape
+    )
+    payload = header + np.ascontiguousarray(array).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(payload, mtime=0) if path.name.endswith(".gz") else payload)
+    return path
+
+
+def write_idx_dataset(
+    directory: str | os.PathLike[str],
+    train_images: np.ndarray,
+    train_labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+    *,
+    compress: bool = True,
+) -> Path:
+    """Writes the four standard IDX files of an MNIST-style dataset into ``directory``.
+
+    The result loads with :func:`load_idx_dataset` or ``load_dataset(data_dir=directory)``.
+
+    Args:
+        directory: Destination directory, created if needed.
+        train_images: ``(N, H, W)`` or ``(N, H, W, 1)`` images with values in ``[0, 255]``.
+        train_labels: ``(N,)`` labels in ``[0, 255]``.
+        test_images: ``(M, H, W)`` or ``(M, H, W, 1)`` images.
+        test_labels: ``(M,)`` labels.
+        compress: Write ``*.gz`` files (as distributed) rather than raw ones.
+
+    Returns:
+        ``directory`` as a :class:`~pathlib.Path`.
+
+    Raises:
+        ValueError: An array has the wrong rank or values outside ``[0, 255]``.
+
+    Example:
+        >>> import tempfile, numpy as np
+        >>> rng = np.random.default_rng(0)
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     _ = write_idx_dataset(
+        ...         d, rng.integers(0, 256, (5, 28, 28)), np.arange(5),
+        ...         rng.integers(0, 256, (2, 28, 28)), np.array([9, 0]))
+        ...     ds = load_idx_dataset(d)
+        ...     ds.train_images.shape, ds.test_labels
+        ((5, 28, 28, 1), array([9, 0], dtype=int32))
+    """
+    directory = Path(directory)
+    suffix = ".gz" if compress else ""
+    arrays = {
+        "train_images": train_images,
+        "train_labels": train_labels,
+        "test_images": test_images,
+        "test_labels": test_labels,
+    }
+    for role, array in arrays.items():
+        array = np.asarray(array)
+        if role.endswith("images"):
+            if array.ndim == 4 and array.shape[-1] == 1:
+                array = array[..., 0]
+            if array.ndim != 3:
+                raise ValueError(f"{role}: expected (N, H, W[, 1]), got shape {array.shape}")
+        elif array.ndim != 1:
+            raise ValueError(f"{role}: expected (N,), got shape {array.shape}")
+        write_idx(directory / (IDX_FILES[role] + suffix), array)
+    return directory
+
+
+# --------------------------------------------------------------------------------------------
+# Finding and loading datasets.
+
+
+def _canonical(name: str) -> str:
+    return name.strip().lower().replace("-", "_")
+
+
+def _dashed(name: str) -> str:
+    return _canonical(name).replace("_", "-")
+
+
+def find_idx_files(directory: str | os.PathLike[str]) -> dict[str, Path] | None:
+    """Finds the four standard IDX files in ``directory``.
+
+    Each file may be gzip-compressed (``name.gz``, preferred when both exist) or raw.
+
+    Args:
+        directory: Directory to look in.
+
+    Returns:
+        A dict mapping each role in :data:`IDX_FILES` to its path, or ``None`` when any of the
+        four is missing.
+    """
+    directory = Path(directory)
+    found: dict[str, Path] = {}
+    for role, base in IDX_FILES.items():
+        for candidate in (directory / (base + ".gz"), directory / base):
+            if candidate.is_file():
+                found[role] = candidate
+                break
+        else:
+            return None
+    return found
+
+
+def _candidate_dirs(root: Path, name: str) -> list[Path]:
+    return [root, root / _dashed(name)]
+
+
+def _describe_missing(directory: Path) -> str:
+    if not directory.is_dir():
+        return "no such directory"
+    missing = [
+        f"{base}[.gz]"
+        for base in IDX_FILES.values()
+        if not (directory / (base + ".gz")).is_file() and not (directory / base).is_file()
+    ]
+    return f"missing {', '.join(missing)}"
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, where: str) -> None:
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        bad = int(np.flatnonzero((labels < 0) | (labels >= num_classes))[0])
+        raise DataError(
+            f"{where}: label out of range: expected labels in [0, {num_classes - 1}] "
+            f"({num_classes} classes), found {int(labels[bad])} at index {bad}"
+        )
+
+
+def load_idx_dataset(
+    directory: str | os.PathLike[str],
+    *,
+    name: str = "fashion_mnist",
+    num_classes: int | None = None,
+) -> Dataset:
+    """Loads an MNIST-style dataset from the four standard IDX files in ``directory``.
+
+    Args:
+        directory: Directory holding ``train-images-idx3-ubyte[.gz]``,
+            ``train-labels-idx1-ubyte[.gz]``, ``t10k-images-idx3-ubyte[.gz]`` and
+            ``t10k-labels-idx1-ubyte[.gz]``.
+        name: Dataset name recorded in the result.
+        num_classes: Number of classes; default from :data:`KNOWN_NUM_CLASSES`, else 10.
+
+    Returns:
+        The :class:`Dataset`, with ``source`` set to ``str(directory)``.
+
+    Raises:
+        DataError: A file is missing or malformed, image and label counts differ, train and
+            test images differ in size, or a label is ``>= num_classes``.
+    """
+    directory = Path(directory)
+    name = _canonical(name)
+    if num_classes is None:
+        num_classes = KNOWN_NUM_CLASSES.get(name, 10)
+    files = find_idx_files(directory)
+    if files is None:
+        raise DataError(f"{directory}: {_describe_missing(directory)}")
+    arrays: dict[str, np.ndarray] = {}
+    for split in ("train", "test"):
+        img_path, lbl_path = files[f"{split}_images"], files[f"{split}_labels"]
+        images = read_idx(img_path, ndim=3)
+        labels = read_idx(lbl_path, ndim=1)
+        if len(images) != len(labels):
+            raise DataError(
+                f"{lbl_path}: count mismatch: expected {len(images)} labels "
+                f"(one per image in {img_path}), found {len(labels)}"
+            )
+        _check_labels(labels, num_classes, str(lbl_path))
+        arrays[f"{split}_images"] = images[..., None]
+        arrays[f"{split}_labels"] = labels.astype(np.int32)
+    train_hw, test_hw = arrays["train_images"].shape[1:3], arrays["test_images"].shape[1:3]
+    if train_hw != test_hw:
+        raise DataError(
+            f"{files['test_images']}: image size mismatch: expected {_dims(train_hw)} "
+            f"like {files['train_images']}, found {_dims(test_hw)}"
+        )
+    return Dataset(**arrays, name=name, source=str(directory), num_classes=num_classes)
+
+
+def _read_records(source: Any) -> list[Any]:
+    """Reads every record of a random-access source, in batches when it supports them."""
+    n = len(source)
+    getitems = getattr(source, "__getitems__", None)
+    if getitems is not None and n:
+        try:
+            first = list(getitems(list(range(min(n, _TFDS_CHUNK)))))
+        except TypeError:
+            # Some sources (e.g. tfds.testing.mock_data's, TFDS 4.9) have a broken batch read.
+            getitems = None
+        else:
+            records = first
+            for start in range(len(first), n, _TFDS_CHUNK):
+                records.extend(getitems(list(range(start, min(n, start + _TFDS_CHUNK)))))
+            return records
+    return [source[i] for i in range(n)]
+
+
+def _records_to_arrays(records: Sequence[Any], where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Stacks TFDS records ``{'image': (H, W, 1) uint8, 'label': int}`` into arrays."""
+    if not records:
+        raise DataError(f"{where}: empty split: expected at least one example, found 0")
+    first = records[0]
+    if not isinstance(first, Mapping) or "image" not in first or "label" not in first:
+        found = sorted(first) if isinstance(first, Mapping) else type(first).__name__
+        raise DataError(f"{where}: expected records with 'image' and 'label', found {found}")
+    images = np.stack([np.asarray(r["image"]) for r in records])
+    labels = np.asarray([r["label"] for r in records])
+    if images.ndim == 3:
+        images = images[..., None]
+    if images.ndim != 4 or images.shape[-1] != 1 or images.dtype != np.uint8:
+        raise DataError(
+            f"{where}: expected uint8 grayscale images of shape (H, W, 1), "
+            f"found {images.dtype} {images.shape[1:]}"
+        )
+    if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(
+            f"{where}: expected one integer label per image, found {labels.dtype} "
+            f"{labels.shape}"
+        )
+    return images, labels.astype(np.int32)
+
+
+def load_tfds_dataset(name: str = "fashion_mnist") -> Dataset:
+    """Loads a 28x28 grayscale dataset through ``tfds.data_source`` (no TensorFlow needed).
+
+    TFDS downloads and prepares the dataset on first use (this needs network access), then
+    reads its ArrayRecord files. Works for ``mnist``, ``fashion_mnist``, ``kmnist``,
+    ``emnist`` and other datasets with ``image`` and ``label`` features and ``train`` and
+    ``test`` splits.
+
+    Args:
+        name: TFDS dataset name.
+
+    Returns:
+        The :class:`Dataset`, with ``source`` set to ``"tfds:<name>"``.
+
+    Raises:
+        DataError: The records do not look like grayscale images with integer labels.
+        Exception: Whatever TFDS raises when it cannot provide the data (not installed,
+            offline, unknown name...). :func:`load_dataset` turns these into a
+            :class:`DataError`.
+    """
+    import tensorflow_datasets as tfds  # Lazy: heavy, and only needed without local files.
+
+    name = _canonical(name)
+    train_source, test_source = tfds.data_source(name, split=["train", "test"])
+    num_classes = KNOWN_NUM_CLASSES.get(name, 10)
+    with contextlib.suppress(AttributeError, KeyError, TypeError):
+        num_classes = int(train_source.dataset_info.features["label"].num_classes)
+    arrays: dict[str, np.ndarray] = {}
+    for split, source in (("train", train_source), ("test", test_source)):
+        where = f"tfds:{name}[{split}]"
+        images, labels = _records_to_arrays(_read_records(source), where)
+        _check_labels(labels, num_classes, where)
+        arrays[f"{split}_images"], arrays[f"{split}_labels"] = images, labels
+    if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
+        raise DataError(
+            f"tfds:{name}[test]: image size mismatch: expected "
+            f"{_dims(arrays['train_images'].shape[1:])} like the train split, found "
+            f"{_dims(arrays['test_images'].shape[1:])}"
+        )
+    return Dataset(**arrays, name=name, source=f"tfds:{name}", num_classes=num_classes)
+
+
+def load_dataset(
+    name: str = "fashion_mnist",
+    data_dir: str | os.PathLike[str] | None = None,
+    *,
+    num_classes: int | None = None,
+) -> Dataset:
+    """Loads an MNIST-style dataset from the first place that has it.
+
+    Lookup order:
+
+    1. ``data_dir`` (``--data-dir``), or its subdirectory ``<name>`` with ``_`` -> ``-``.
+       When given, it must hold the files: there is no fallback.
+    2. ``$JAXBN_DATA_DIR``, or ``$JAXBN_DATA_DIR/<name with - for _>/``.
+    3. ``DEBIAN_DATASETS_ROOT/<name with - for _>/``, e.g. ``/usr/share/datasets/fashion-mnist``.
+    4. ``tfds.data_source(name)`` (downloads when online).
+
+    A directory counts as holding the data when all four IDX files are present; files that are
+    present but malformed raise an error rather than falling through to the next place.
+
+    Args:
+        name: Dataset name, e.g. ``"fashion_mnist"`` or ``"mnist"`` (dashes are accepted).
+        data_dir: Directory with the four IDX files, or ``None`` to search.
+        num_classes: Number of classes for IDX data; default from :data:`KNOWN_NUM_CLASSES`,
+            else 10. (TFDS data uses the dataset's own count.)
+
+    Returns:
+        The :class:`Dataset`. Its ``source`` says which place it came from.
+
+    Raises:
+        DataError: ``data_dir`` lacks the files; a file is malformed; or nothing was found
+            anywhere (the message lists the ways to provide the data and TFDS's error).
+    """
+    name = _canonical(name)
+    if data_dir is not None:
+        root = Path(data_dir)
+        for d in _candidate_dirs(root, name):
+            if find_idx_files(d) is not None:
+                return load_idx_dataset(d, name=name, num_classes=num_classes)
+        raise DataError(
+            f"--data-dir {root}: expected the IDX files {', '.join(IDX_FILES.values())} "
+            f"(each optionally .gz) in {root} or {root / _dashed(name)}; found {root}: "
+            f"{_describe_missing(root)}"
+        )
+
+    checked: list[str] = []
+    env = os.environ.get(ENV_VAR)
+    places: list[tuple[str, Path]] = []
+    if env:
+        places += [(f"${ENV_VAR}", d) for d in _candidate_dirs(Path(env), name)]
+    else:
+        checked.append(f"${ENV_VAR}: not set")
+    places.append(("Debian", Path(DEBIAN_DATASETS_ROOT) / _dashed(name)))
+    for label, d in places:
+        if find_idx_files(d) is not None:
+            return load_idx_dataset(d, name=name, num_classes=num_classes)
+        checked.append(f"{label}: {d}: {_describe_missing(d)}")
+
+    try:
+        return load_tfds_dataset(name)
+    except DataError:
+        raise
+    except Exception as e:  # Any TFDS failure (not installed, offline...) = not available.
+        tfds_error = f"{type(e).__name__}: {e}"
+        if len(tfds_error) > _MAX_TFDS_ERROR_CHARS:
+            tfds_error = tfds_error[:_MAX_TFDS_ERROR_CHARS] + " [...]"
+        files = ", ".join(f"{b}.gz" for b in IDX_FILES.values())
+        raise DataError(
+            f"dataset {name!r} not found. Looked in:\n"
+            + "".join(f"  - {c}\n" for c in checked)
+            + f"  - TFDS: tfds.data_source({name!r}) failed: {tfds_error}\n"
+            "Provide the data in one of these ways:\n"
+            f"  1. pass --data-dir DIR, where DIR holds {files} (or uncompressed);\n"
+            f"  2. set {ENV_VAR}=DIR (DIR or DIR/{_dashed(name)}/ holding those files);\n"
+            f"  3. on Debian/Ubuntu: apt-get install dataset-{_dashed(name)} "
+            f"(installs {Path(DEBIAN_DATASETS_ROOT) / _dashed(name)}), or go online so "
+            "TFDS can download it."
+        ) from e
+
+
+# --------------------------------------------------------------------------------------------
+# Batching.
+
+
+def num_batches(n: int, batch_size: int, drop_remainder: bool = True) -> int:
+    """Number of batches :func:`batches` yields for ``n`` examples.
+
+    Args:
+        n: Number of examples.
+        batch_size: Global batch size.
+        drop_remainder: Whether a last, partial batch is dropped.
+
+    Returns:
+        ``n // batch_size`` if ``drop_remainder``, else ``ceil(n / batch_size)``.
+
+    Example:
+        >>> num_batches(10, 4), num_batches(10, 4, drop_remainder=False)
+        (2, 3)
+    """
+    if batch_size <= 0:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    return n // batch_size if drop_remainder else -(-n // batch_size)
+
+
+def batches(
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int,
+    *,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    drop_remainder: bool = True,
+    shard_index: int = 0,
+    num_shards: int = 1,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yields one epoch of ``(images, labels)`` numpy batches in a deterministic order.
+
+    The order is ``numpy.random.default_rng([seed, epoch]).permutation(n)``: a pure function of
+    ``(seed, epoch)``, so resuming at epoch ``k`` yields exactly the batches of an
+    uninterrupted run. Images stay uint8 (see :func:`to_float`).
+
+    For multi-process data parallelism, each of ``num_shards`` processes passes its
+    ``shard_index`` and gets rows ``[shard_index * b / num_shards, (shard_index + 1) * b /
+    num_shards)`` of each global batch of size ``b``; the shards concatenate to the global
+    batch. A last partial batch (``drop_remainder=False``) is split the same way, possibly
+    unevenly.
+
+    Args:
+        images: ``(N, ...)`` array.
+        labels: ``(N, ...)`` array.
+        batch_size: Global batch size; must be divisible by ``num_shards``.
+        seed: Non-negative shuffle seed.
+        epoch: Non-negative epoch number.
+        shuffle: Whether to permute; if not, batches are in index order.
+        drop_remainder: Whether to drop a last, partial batch.
+        shard_index: This process's shard, in ``[0, num_shards)``.
+        num_shards: Number of shards each global batch is split into.
+
+    Yields:
+        ``(images[idx], labels[idx])`` for each batch's (shard of) indices ``idx``.
+
+    Raises:
+        ValueError: Mismatched lengths, non-positive sizes, a bad shard, a batch size not
+            divisible by ``num_shards``, or a negative seed or epoch.
+
+    Example:
+        >>> x, y = np.arange(10), np.arange(10) * 10
+        >>> [yb.tolist() for _, yb in batches(x, y, 4, seed=0, epoch=0, shuffle=False)]
+        [[0, 10, 20, 30], [40, 50, 60, 70]]
+        >>> run1 = [xb for xb, _ in batches(x, y, 4, seed=1, epoch=3)]
+        >>> run2 = [xb for xb, _ in batches(x, y, 4, seed=1, epoch=3)]
+        >>> all((a == b).all() for a, b in zip(run1, run2))
+        True
+    """
+    n = len(images)
+    if len(labels) != n:
+        raise ValueError(f"images and labels differ in length: {n} vs {len(labels)}")
+    if batch_size <= 0 or num_shards <= 0:
+        raise ValueError(
+            f"batch_size and num_shards must be positive, got {batch_size}, {num_shards}"
+        )
+    if not 0 <= shard_index < num_shards:
+        raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
+    if batch_size % num_shards:
+        raise ValueError(
+            f"batch_size {batch_size} is not divisible by num_shards {num_shards}"
+        )
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be non-negative, got {seed}, {epoch}")
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    for i in range(num_batches(n, batch_size, drop_remainder)):
+        idx = order[i * batch_size : (i + 1) * batch_size]
+        b = len(idx)
+        idx = idx[shard_index * b // num_shards : (shard_index + 1) * b // num_shards]
+        yield images[idx], labels[idx]
+
+
+def to_float(images: np.ndarray) -> np.ndarray:
+    """Converts uint8 images to float32 in ``[0, 1]``.
+
+    Args:
+        images: uint8 array.
+
+    Returns:
+        ``images / 255`` as float32.
+
+    Example:
+        >>> to_float(np.array([0, 51, 255], np.uint8))
+        array([0. , 0.2, 1. ], dtype=float32)
+    """
+    return np.asarray(images, np.float32) / np.float32(255.0)
