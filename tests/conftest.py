@@ -21,5 +21,5 @@ if jax.device_count() < NUM_DEVICES:  # pragma: no cover - a set-up error, not a
 
 @pytest.fixture(scope="session")
 def mesh():
-    """A one-axis mesh named 'd' over the eight fake devices."""
-    return jax.make_mesh((NUM_DEVICES,), ("d",))
+    """A one-axis mesh named 'd' over the eight fake devices (automatic sharding)."""
+    return jax.make_mesh((NUM_DEVICES,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))

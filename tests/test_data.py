@@ -32,8 +32,14 @@ def _write_tiny(directory: Path, seed: int = 0, n_train: int = 6, **kw) -> Path:
     return data.write_idx_dataset(directory, *_tiny(seed, n_train), **kw)
 
 
-def _idx_bytes(dims: tuple[int, ...], payload_len: int | None = None, *, dtype: int = 0x08,
-               ndim: int | None = None, magic_prefix: bytes = b"\x00\x00") -> bytes:
+def _idx_bytes(
+    dims: tuple[int, ...],
+    payload_len: int | None = None,
+    *,
+    dtype: int = 0x08,
+    ndim: int | None = None,
+    magic_prefix: bytes = b"\x00\x00",
+) -> bytes:
     ndim = len(dims) if ndim is None else ndim
     header = magic_prefix + bytes([dtype, ndim]) + b"".join(d.to_bytes(4, "big") for d in dims)
     n = int(np.prod(dims)) if payload_len is None else payload_len
@@ -285,12 +291,11 @@ def test_corrupt_files_do_not_fall_through(tmp_path, monkeypatch, isolated):
 # TFDS.
 
 
-def test_tfds_mock_data_source(isolated, monkeypatch):
+def test_tfds_mock_data_source(tmp_path, monkeypatch):
     import tensorflow_datasets as tfds
 
-    monkeypatch.undo()  # Restore the real tfds.data_source; keep the rest isolated below.
     monkeypatch.delenv(data.ENV_VAR, raising=False)
-    monkeypatch.setattr(data, "DEBIAN_DATASETS_ROOT", str(isolated))
+    monkeypatch.setattr(data, "DEBIAN_DATASETS_ROOT", str(tmp_path))
     # USE_CODE: no metadata files, no network, no TensorFlow.
     with tfds.testing.mock_data(num_examples=7, policy=tfds.testing.MockPolicy.USE_CODE):
         ds = data.load_dataset("fashion_mnist")
@@ -377,8 +382,10 @@ def test_batches_deterministic():
 
 def test_batches_no_shuffle_and_remainder():
     x = y = np.arange(10)
-    got = [yb.tolist() for _, yb in data.batches(x, y, 4, seed=0, epoch=0, shuffle=False,
-                                                   drop_remainder=False)]
+    got = [
+        yb.tolist()
+        for _, yb in data.batches(x, y, 4, seed=0, epoch=0, shuffle=False, drop_remainder=False)
+    ]
     assert got == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
     assert data.num_batches(10, 4, drop_remainder=False) == 3
     assert data.num_batches(10, 4) == 2
@@ -389,8 +396,9 @@ def test_batches_shards_concatenate_to_global_batch():
     y = np.arange(40)
     full = _epoch(x, y, seed=7, epoch=5, batch_size=12, drop_remainder=False)
     shards = [
-        _epoch(x, y, seed=7, epoch=5, batch_size=12, drop_remainder=False,
-               shard_index=i, num_shards=4)
+        _epoch(
+            x, y, seed=7, epoch=5, batch_size=12, drop_remainder=False, shard_index=i, num_shards=4
+        )
         for i in range(4)
     ]
     assert all(len(s) == len(full) == 4 for s in shards)
@@ -428,16 +436,22 @@ def test_to_float():
 
 def test_module_does_not_import_jax_or_tfds():
     code = (
-        "import sys, train.data; "
-        "print('jax' in sys.modules, 'tensorflow_datasets' in sys.modules)"
+        "import sys, train.data; print('jax' in sys.modules, 'tensorflow_datasets' in sys.modules)"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=Path(__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert out.stdout.split() == ["False", "False"]
 
 
-@pytest.mark.skipif(not REAL_DEBIAN_DIR.is_dir(),
-                    reason=f"{REAL_DEBIAN_DIR} absent (apt-get install dataset-fashion-mnist)")
+@pytest.mark.skipif(
+    not REAL_DEBIAN_DIR.is_dir(),
+    reason=f"{REAL_DEBIAN_DIR} absent (apt-get install dataset-fashion-mnist)",
+)
 def test_real_debian_fashion_mnist(monkeypatch):
     monkeypatch.delenv(data.ENV_VAR, raising=False)
     monkeypatch.setattr(data, "DEBIAN_DATASETS_ROOT", str(REAL_DEBIAN_DIR.parent))

@@ -166,7 +166,7 @@ def read_idx(path: str | os.PathLike[str], ndim: int | None = None) -> np.ndarra
             what the header says.
 
     Returns:
-        A uint8 array with the shape the header gives.
+        A read-only uint8 array (a view of the file's bytes) with the shape the header gives.
 
     Raises:
         DataError: The file is missing, not valid gzip, or its header or length is wrong.
@@ -190,8 +190,7 @@ def read_idx(path: str | os.PathLike[str], ndim: int | None = None) -> np.ndarra
     if data[0] != 0 or data[1] != 0:
         hint = " (it looks gzip-compressed; name it *.gz)" if data[:2] == b"\x1f\x8b" else ""
         raise DataError(
-            f"{path}: bad magic number: expected {expected_magic} (IDX), "
-            f"found 0x{magic:08X}{hint}"
+            f"{path}: bad magic number: expected {expected_magic} (IDX), found 0x{magic:08X}{hint}"
         )
     dtype_code, file_ndim = data[2], data[3]
     if dtype_code != _UBYTE:
@@ -211,9 +210,7 @@ def read_idx(path: str | os.PathLike[str], ndim: int | None = None) -> np.ndarra
             f"{path}: truncated header: expected {header_len} bytes for {file_ndim} "
             f"dimensions, file has {len(data)}"
         )
-    shape = tuple(
-        int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(file_ndim)
-    )
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(file_ndim))
     expected = int(np.prod(shape, dtype=np.int64))
     found = len(data) - header_len
     what = {3: "pixels", 1: "labels"}.get(file_ndim, "data")
@@ -234,7 +231,8 @@ def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> Path:
     """Writes an array as an unsigned-byte IDX file (gzip-compressed if ``path`` ends in .gz).
 
     Meant for tests and small tools that need tiny MNIST-format datasets; see also
-    :func:`write_idx_dataset`. The gzip header holds no timestamp or name, so output is reproducible.
+    :func:`write_idx_dataset`. The gzip header holds no timestamp or file name, so the output
+    is reproducible.
 
     Args:
         path: Destination file. Parent directories are created.
@@ -482,8 +480,7 @@ def _records_to_arrays(records: Sequence[Any], where: str) -> tuple[np.ndarray, 
         )
     if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
         raise DataError(
-            f"{where}: expected one integer label per image, found {labels.dtype} "
-            f"{labels.shape}"
+            f"{where}: expected one integer label per image, found {labels.dtype} {labels.shape}"
         )
     return images, labels.astype(np.int32)
 
@@ -694,9 +691,7 @@ def batches(
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
     if batch_size % num_shards:
-        raise ValueError(
-            f"batch_size {batch_size} is not divisible by num_shards {num_shards}"
-        )
+        raise ValueError(f"batch_size {batch_size} is not divisible by num_shards {num_shards}")
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be non-negative, got {seed}, {epoch}")
     order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
