@@ -23,12 +23,14 @@ Numerical decisions, in one place:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Array: TypeAlias = jax.Array
@@ -597,12 +599,106 @@ def batch_norm(
             f"shape {x.shape} with features along axis {axis!r}; use a larger batch, or "
             f"training=False with running statistics."
         )
-    m = moments(x, axis=axis, mask=mask, axis_name=axis_name,
-                axis_index_groups=axis_index_groups, fast_variance=fast_variance)
-    y = normalize(x, m.mean, m.var, params, axis=axis, epsilon=epsilon, dtype=dtype)
+    groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
+    cfg = _TrainConfig(feats, float(epsilon), axis_name, groups, bool(fast_variance),
+                       jnp.dtype(dtype or x.dtype))
+    scale, bias = (None, None) if params is None else params
+    y, m = _train_normalize(cfg, x, scale, bias, mask)
     if stats is None or not training:
         return y, stats
-    new_stats = update_stats(stats, jax.tree.map(lax.stop_gradient, m), momentum=momentum,
+    new_stats = update_stats(stats, m, momentum=momentum,
                              unbiased_running_var=unbiased_running_var)
     return y, new_stats
+
+
+# ----------------------------------------------------------------------------------------
+# Training-mode normalization with a memory-saving backward pass.
+
+
+class _TrainConfig(NamedTuple):
+    feats: tuple[int, ...]
+    epsilon: float
+    axis_name: AxisName | None
+    groups: tuple[tuple[int, ...], ...] | None
+    fast_variance: bool
+    dtype: Any
+
+
+def _varying_axes(a: Array) -> frozenset:
+    """The shard_map axes along which ``a`` varies (empty outside shard_map)."""
+    mat = getattr(jax.typeof(a), "mat", None)
+    return frozenset(getattr(mat, "varying", ()))
+
+
+def _names(axis_name: AxisName) -> tuple:
+    return axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+
+def _sync_sum(v: Any, axis_name: AxisName, groups: Any) -> Any:
+    """``psum`` over the axis (or within each group, as one all_gather then a local sum)."""
+    if groups is None:
+        return lax.psum(v, axis_name)
+    return jax.tree.map(lambda g: g.sum(0),
+                        lax.all_gather(v, axis_name, axis_index_groups=groups))
+
+
+def _train_forward(cfg: _TrainConfig, x, scale, bias, mask):
+    m = moments(x, axis=cfg.feats, mask=mask, axis_name=cfg.axis_name,
+                axis_index_groups=cfg.groups, fast_variance=cfg.fast_variance)
+    params = None if scale is None else BatchNormParams(
+        scale, jnp.zeros_like(scale) if bias is None else bias)
+    y = normalize(x, m.mean, m.var, params, axis=cfg.feats, epsilon=cfg.epsilon, dtype=cfg.dtype)
+    if scale is None and bias is not None:
+        y = (y + bias.reshape(_bshape(x.ndim, cfg.feats, bias.shape))).astype(cfg.dtype)
+    inv = lax.rsqrt(m.var + cfg.epsilon)
+    return (y, m), (x, scale, bias, mask, m.mean, inv, m.count)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _train_normalize(cfg: _TrainConfig, x, scale, bias, mask):
+    """``(y, moments)`` of training-mode BN; the moments carry no gradient."""
+    return _train_forward(cfg, x, scale, bias, mask)[0]
+
+
+def _train_normalize_bwd(cfg: _TrainConfig, res, cts):
+    # Only x and per-feature mean / inverse std were saved. With g the output cotangent and
+    # xhat = (x - mean) * inv, every output depends on the statistics, so
+    #   dx = scale * inv * (g - keep * (sum(g) + xhat * sum(g * xhat)) / n)
+    # with the sums over all elements of all devices and n the global valid count;
+    # d scale = sum(g * xhat), d bias = sum(g). One psum carries both sums.
+    x, scale, bias, mask, mean, inv, n = res
+    g = cts[0]
+    red = _reduction_axes(x.ndim, cfg.feats)
+    bshape = _bshape(x.ndim, cfg.feats, mean.shape)
+    sdt = _stats_dtype(x.dtype)
+    gf = g.astype(sdt)
+    xhat = (x.astype(sdt) - mean.reshape(bshape)) * inv.reshape(bshape)
+    local = (jnp.sum(gf, axis=red), jnp.sum(gf * xhat, axis=red))
+    param_cts = local
+    total = local
+    if cfg.axis_name is not None:
+        names = _names(cfg.axis_name)
+        # Parameters replicated over the synced axis (shard_map's P()) need the global sums
+        # as their cotangent: take them from the same collective when the axes coincide.
+        ref = scale if scale is not None else bias
+        extra = tuple(sorted(_varying_axes(x) - (_varying_axes(ref) if ref is not None
+                                                  else frozenset()), key=str))
+        total = _sync_sum(local, cfg.axis_name, cfg.groups)
+        if extra and (cfg.groups is not None or set(extra) != set(names)):
+            param_cts = lax.psum(local, extra)
+        elif extra:
+            param_cts = total
+    sg, sgx = total
+    w = inv if scale is None else inv * scale.astype(sdt)
+    corr = (sg.reshape(bshape) + xhat * sgx.reshape(bshape)) / jnp.maximum(n, 1).reshape(bshape)
+    if mask is not None:
+        corr = jnp.where(mask, corr, 0)
+    dx = (w.reshape(bshape) * (gf - corr)).astype(x.dtype)
+    dscale = None if scale is None else param_cts[1].astype(scale.dtype)
+    dbias = None if bias is None else param_cts[0].astype(bias.dtype)
+    dmask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
+    return dx, dscale, dbias, dmask
+
+
+_train_normalize.defvjp(_train_forward, _train_normalize_bwd)
 
