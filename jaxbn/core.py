@@ -194,6 +194,32 @@ def _check_axis_name(axis_name: AxisName | None, axis_index_groups: Any) -> None
         )
 
 
+def _validate(x, params, stats, *, training, axis, momentum, epsilon, dtype, axis_name,
+              axis_index_groups, mask) -> tuple[Array, tuple[int, ...], Array | None]:
+    """Every trace-time check of a BatchNorm call; returns ``(x, feature_axes, mask)``."""
+    x = jnp.asarray(x)
+    _check_input(x)
+    if not isinstance(training, bool | jnp.bool_):
+        raise ValueError(
+            f"training must be a static Python bool, got {type(training).__name__}; pass it "
+            f"as a static argument (e.g. functools.partial or jit's static_argnames)."
+        )
+    _check_hyper(momentum, epsilon)
+    _check_dtype(dtype)
+    _check_axis_name(axis_name, axis_index_groups)
+    feats = feature_axes(x.ndim, axis)
+    fshape = tuple(x.shape[a] for a in feats)
+    if params is not None:
+        _check_feature_shape("params.scale", params.scale, fshape, axis)
+        _check_feature_shape("params.bias", params.bias, fshape, axis)
+    if stats is not None:
+        _check_feature_shape("stats.mean", stats.mean, fshape, axis)
+        _check_feature_shape("stats.var", stats.var, fshape, axis)
+    mask = None if mask is None else jnp.asarray(mask)
+    _check_mask(mask, x.shape)
+    return x, feats, mask
+
+
 def _stats_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
 
@@ -565,27 +591,11 @@ def batch_norm(
     1
     >>> y_eval, _ = jaxbn.batch_norm(x, params, stats, training=False)
     """
-    x = jnp.asarray(x)
-    _check_input(x)
-    if not isinstance(training, bool | jnp.bool_):
-        raise ValueError(
-            f"training must be a static Python bool, got {type(training).__name__}; pass it "
-            f"as a static argument (e.g. functools.partial or jit's static_argnames)."
-        )
+    x, feats, mask = _validate(x, params, stats, training=training, axis=axis,
+                               momentum=momentum, epsilon=epsilon, dtype=dtype,
+                               axis_name=axis_name, axis_index_groups=axis_index_groups,
+                               mask=mask)
     training = bool(training)
-    _check_hyper(momentum, epsilon)
-    _check_dtype(dtype)
-    _check_axis_name(axis_name, axis_index_groups)
-    feats = feature_axes(x.ndim, axis)
-    fshape = tuple(x.shape[a] for a in feats)
-    if params is not None:
-        _check_feature_shape("params.scale", params.scale, fshape, axis)
-        _check_feature_shape("params.bias", params.bias, fshape, axis)
-    if stats is not None:
-        _check_feature_shape("stats.mean", stats.mean, fshape, axis)
-        _check_feature_shape("stats.var", stats.var, fshape, axis)
-    mask = None if mask is None else jnp.asarray(mask)
-    _check_mask(mask, x.shape)
 
     use_batch = training or stats is None
     if not use_batch:
