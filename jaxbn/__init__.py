@@ -21,6 +21,7 @@ from jaxbn.core import (
     normalize,
     update_stats,
 )
+from jaxbn.variants import batch_renorm, ghost_batch_norm
 
 __version__ = "0.1.0"
 
@@ -29,8 +30,10 @@ __all__ = [
     "BatchStats",
     "Moments",
     "batch_norm",
+    "batch_renorm",
     "feature_axes",
     "fold",
+    "ghost_batch_norm",
     "init",
     "moments",
     "normalize",
