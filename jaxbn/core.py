@@ -276,31 +276,85 @@ def init(
 # Building blocks.
 
 
+_SHIFT_SAMPLES = 64  # at least this many values per feature (if present) set the shift
+
+
+def _private(*arrays: Array) -> tuple[Array, ...]:
+    """The same arrays under new identities, for one reduction's exclusive use.
+
+    XLA:CPU runs reductions as custom fusions that absorb their elementwise producers
+    (converts, broadcasts, subtractions) only when each producer has that reduction as its
+    sole user; a producer shared with another reduction or with the output (after common
+    subexpression elimination, ``convert(x)`` or ``broadcast(mean)`` always is) is instead
+    materialized as a full-size temporary, which costs a write, page faults and a re-read.
+    An optimization barrier gives each reduction its own copies of its operands (no data
+    is copied), so that every reduction reads ``x`` straight from its buffer. Other backends
+    get the arrays unchanged: XLA:GPU fuses sibling reductions of a shared operand into one
+    kernel, which distinct identities would prevent.
+    """
+    return lax.platform_dependent(*arrays, cpu=lambda *a: lax.optimization_barrier(a),
+                                  default=lambda *a: a)
+
+
+def _shift(x: Array, red: tuple[int, ...], sdt: Any) -> Array:
+    """A per-feature value close to the mean: the mean of a small leading slice of ``x``.
+
+    Takes the first ``k`` indices along the first reduction axis, ``k`` the fewest that
+    give ``_SHIFT_SAMPLES`` values per feature (or the whole axis), so it costs a sliver of
+    one pass. Any shift within a few standard deviations of the mean keeps the shifted sums
+    free of cancellation; the exact mean is recovered from them.
+    """
+    rest = math.prod(x.shape[a] for a in red[1:])
+    k = min(x.shape[red[0]], max(1, -(-_SHIFT_SAMPLES // max(rest, 1))))
+    head = lax.slice_in_dim(x, 0, k, axis=red[0])
+    return jnp.mean(head.astype(sdt), axis=red)
+
+
 def _local_sums(
     x: Array, red: tuple[int, ...], mask: Array | None, fast_variance: bool
 ) -> tuple[Array, Array, Array]:
     """Per-device ``(count, a, b)``: ``(n, sum x, sum x^2)`` if fast else ``(n, mean, M2)``."""
-    xf = x.astype(_stats_dtype(x.dtype))
-    keep = None if mask is None else jnp.broadcast_to(mask, x.shape)
-    if keep is None:
-        n_static = math.prod(x.shape[a] for a in red)
-        fshape = tuple(s for a, s in enumerate(x.shape) if a not in red)
-        n = jnp.full(fshape, n_static, xf.dtype)
-    else:
-        n = jnp.sum(keep, axis=red, dtype=xf.dtype)
+    sdt = _stats_dtype(x.dtype)
+    fshape = tuple(s for a, s in enumerate(x.shape) if a not in red)
+    if mask is None:
+        n = jnp.full(fshape, math.prod(x.shape[a] for a in red), sdt)
+        if fast_variance:
+            xa, xb = _private(x, x)
+            return (n, jnp.sum(xa.astype(sdt), axis=red),
+                    jnp.sum(jnp.square(xb.astype(sdt)), axis=red))
+        # Corrected two-pass variance around a shift taken from a slice of x (Chan, Golub &
+        # LeVeque 1983): sums of the deviations from the shift and of their squares, then
+        # mean = shift + sd / n and M2 = sdd - sd^2 / n, with no large terms cancelling when
+        # |mean| >> std. The two sums read x once each and share no temporary.
+        shift = lax.stop_gradient(_shift(x, red, sdt))
+        xa, sa, xb, sb = _private(x, shift, x, shift)
+        sd = jnp.sum(xa.astype(sdt) - jnp.expand_dims(sa, red), axis=red)
+        sdd = jnp.sum(jnp.square(xb.astype(sdt) - jnp.expand_dims(sb, red)), axis=red)
+        mean = shift + sd / n
+        m2 = jnp.maximum(sdd - sd * sd / n, 0)
+        return n, mean, m2
 
-    def masked(v: Array) -> Array:
-        return v if keep is None else jnp.where(keep, v, 0)
+    # Masked: every sum reads x and the (unbroadcast) mask from their buffers.
+    def msums(c: Array | None, *fs) -> list[Array]:
+        ops = (x, mask) if c is None else (x, mask, c)
+        copies = _private(*(ops * len(fs)))
+        out = []
+        for i, f in enumerate(fs):
+            xp, kp, *cp = copies[i * len(ops):(i + 1) * len(ops)]
+            v = f(xp.astype(sdt) if c is None else xp.astype(sdt) - jnp.expand_dims(cp[0], red))
+            out.append(jnp.sum(jnp.where(kp, v, jnp.zeros((), sdt)), axis=red))
+        return out
 
+    km, = _private(mask)
+    n = jnp.sum(jnp.broadcast_to(km, x.shape), axis=red, dtype=sdt)
     if fast_variance:
-        return n, jnp.sum(masked(xf), axis=red), jnp.sum(masked(xf * xf), axis=red)
+        return n, *msums(None, lambda v: v, jnp.square)
     safe_n = jnp.maximum(n, 1)
-    # Pass 1: a shift close to the mean. Pass 2: deviations from it and their squares; the
-    # correction term removes the shift's own rounding error (Chan, Golub & LeVeque 1983).
-    shift = lax.stop_gradient(jnp.sum(masked(xf), axis=red) / safe_n)
-    d = masked(xf - jnp.expand_dims(shift, red))
-    sd = jnp.sum(d, axis=red)
-    sdd = jnp.sum(d * d, axis=red)
+    # With a mask the shift must come from valid elements only (masked-out ones may hold
+    # anything): pass 1 is the exact masked mean. Pass 2: deviations from it and their
+    # squares; the correction term removes the shift's own rounding error.
+    shift = lax.stop_gradient(msums(None, lambda v: v)[0] / safe_n)
+    sd, sdd = msums(shift, lambda v: v, jnp.square)
     mean = shift + sd / safe_n
     m2 = jnp.maximum(sdd - sd * sd / safe_n, 0)
     return n, mean, m2
@@ -657,7 +711,11 @@ def _train_forward(cfg: _TrainConfig, x, scale, bias, mask):
                 axis_index_groups=cfg.groups, fast_variance=cfg.fast_variance)
     params = None if scale is None else BatchNormParams(
         scale, jnp.zeros_like(scale) if bias is None else bias)
-    y = normalize(x, m.mean, m.var, params, axis=cfg.feats, epsilon=cfg.epsilon, dtype=cfg.dtype)
+    # The output's operands are private too, so that a reduction consuming y (a loss, the
+    # next layer's statistics) can absorb its computation.
+    xy, mean_y, var_y, params = _private(x, m.mean, m.var, params)
+    y = normalize(xy, mean_y, var_y, params, axis=cfg.feats, epsilon=cfg.epsilon,
+                  dtype=cfg.dtype)
     if scale is None and bias is not None:
         y = (y + bias.reshape(_bshape(x.ndim, cfg.feats, bias.shape))).astype(cfg.dtype)
     inv = lax.rsqrt(m.var + cfg.epsilon)
@@ -681,9 +739,13 @@ def _train_normalize_bwd(cfg: _TrainConfig, res, cts):
     red = _reduction_axes(x.ndim, cfg.feats)
     bshape = _bshape(x.ndim, cfg.feats, mean.shape)
     sdt = _stats_dtype(x.dtype)
-    gf = g.astype(sdt)
-    xhat = (x.astype(sdt) - mean.reshape(bshape)) * inv.reshape(bshape)
-    local = (jnp.sum(gf, axis=red), jnp.sum(gf * xhat, axis=red))
+    # Each sum reads g (and x) straight from their buffers (see _private). The sums run over
+    # every element, masked-out ones included: those are normalized too, so their outputs
+    # depend on the statistics; the mask only restricts which x the statistics depend on.
+    ga, gb, xb, mb = _private(g, g, x, mean)
+    sum_g = jnp.sum(ga.astype(sdt), axis=red)
+    sum_gd = jnp.sum(gb.astype(sdt) * (xb.astype(sdt) - mb.reshape(bshape)), axis=red)
+    local = (sum_g, sum_gd * inv)
     param_cts = local
     total = local
     if cfg.axis_name is not None:
@@ -700,10 +762,14 @@ def _train_normalize_bwd(cfg: _TrainConfig, res, cts):
             param_cts = total
     sg, sgx = total
     w = inv if scale is None else inv * scale.astype(sdt)
-    corr = (sg.reshape(bshape) + xhat * sgx.reshape(bshape)) / jnp.maximum(n, 1).reshape(bshape)
+    safe_n = jnp.maximum(n, 1)
+    # dx = w * g - w * sum(g) / n - (x - mean) * (w * inv * sum(g * xhat) / n), per feature.
+    c0 = (w * sg / safe_n).reshape(bshape)
+    c1 = (w * inv * sgx / safe_n).reshape(bshape)
+    corr = c0 + (x.astype(sdt) - mean.reshape(bshape)) * c1
     if mask is not None:
         corr = jnp.where(mask, corr, 0)
-    dx = (w.reshape(bshape) * (gf - corr)).astype(x.dtype)
+    dx = (g.astype(sdt) * w.reshape(bshape) - corr).astype(x.dtype)
     dscale = None if scale is None else param_cts[1].astype(scale.dtype)
     dbias = None if bias is None else param_cts[0].astype(bias.dtype)
     dmask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)

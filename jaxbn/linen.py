@@ -16,7 +16,7 @@ from flax.linen import dtypes
 from flax.linen.module import merge_param
 from jax.nn import initializers
 
-from jaxbn import core
+from jaxbn import core, variants
 
 __all__ = ["BatchNorm"]
 
@@ -84,6 +84,11 @@ class BatchNorm(nn.Module):
       force_float32_reductions: if False, the running statistics are kept in
         ``param_dtype`` as in flax; see above.
       unbiased_running_var: keep the unbiased batch variance in the running variance.
+      renorm: use Batch Renormalization (:func:`jaxbn.batch_renorm`) in training.
+      renorm_r_max: bound of Batch Renormalization's scale correction ``r``.
+      renorm_d_max: bound of Batch Renormalization's shift correction ``d``.
+      virtual_batch_size: use Ghost BatchNorm (:func:`jaxbn.ghost_batch_norm`) with
+        statistics per virtual batch of this many examples (along axis 0).
 
     Example, a training step and an evaluation step:
 
@@ -117,6 +122,10 @@ class BatchNorm(nn.Module):
     use_fast_variance: bool = False
     force_float32_reductions: bool = True
     unbiased_running_var: bool = False
+    renorm: bool = False
+    renorm_r_max: float = 3.0
+    renorm_d_max: float = 5.0
+    virtual_batch_size: int | None = None
 
     @nn.compact
     def __call__(
@@ -184,7 +193,11 @@ class BatchNorm(nn.Module):
             ra_var.value,
             count.value if count is not None else jnp.zeros((), jnp.int32),
         )
-        y, new_stats = core.batch_norm(
+        normalize = variants.select(
+            renorm=self.renorm, r_max=self.renorm_r_max, d_max=self.renorm_d_max,
+            virtual_batch_size=self.virtual_batch_size,
+        )
+        y, new_stats = normalize(
             x,
             params,
             stats,

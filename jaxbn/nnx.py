@@ -18,7 +18,7 @@ from flax import nnx
 from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
 
-from jaxbn import core
+from jaxbn import core, variants
 
 __all__ = ["BatchNorm"]
 
@@ -99,6 +99,11 @@ class BatchNorm(nnx.Module):
       bias_metadata: metadata of the ``bias`` Param.
       scale_metadata: metadata of the ``scale`` Param.
       unbiased_running_var: keep the unbiased batch variance in the running variance.
+      renorm: use Batch Renormalization (:func:`jaxbn.batch_renorm`) in training.
+      renorm_r_max: bound of Batch Renormalization's scale correction ``r``.
+      renorm_d_max: bound of Batch Renormalization's shift correction ``d``.
+      virtual_batch_size: use Ghost BatchNorm (:func:`jaxbn.ghost_batch_norm`) with
+        statistics per virtual batch of this many examples (along axis 0).
 
     Example:
 
@@ -138,6 +143,10 @@ class BatchNorm(nnx.Module):
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         scale_metadata: Mapping[str, Any] = MappingProxyType({}),
         unbiased_running_var: bool = False,
+        renorm: bool = False,
+        renorm_r_max: float = 3.0,
+        renorm_d_max: float = 5.0,
+        virtual_batch_size: int | None = None,
     ):
         _, stats = core.init(num_features, affine=False)
         feature_shape = stats.mean.shape
@@ -174,6 +183,10 @@ class BatchNorm(nnx.Module):
         self.use_fast_variance = use_fast_variance
         self.promote_dtype = promote_dtype
         self.unbiased_running_var = unbiased_running_var
+        self.renorm = renorm
+        self.renorm_r_max = renorm_r_max
+        self.renorm_d_max = renorm_d_max
+        self.virtual_batch_size = virtual_batch_size
 
     def __call__(
         self,
@@ -224,7 +237,11 @@ class BatchNorm(nnx.Module):
             self.var[...],
             count[...] if count is not None else jnp.zeros((), jnp.int32),
         )
-        y, new_stats = core.batch_norm(
+        normalize = variants.select(
+            renorm=self.renorm, r_max=self.renorm_r_max, d_max=self.renorm_d_max,
+            virtual_batch_size=self.virtual_batch_size,
+        )
+        y, new_stats = normalize(
             x,
             _params(scale, bias),
             stats,

@@ -8,7 +8,8 @@ same synchronization and mask semantics) and are built from the core's building 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ from jaxbn.core import (
     update_stats,
 )
 
-__all__ = ["batch_renorm", "ghost_batch_norm"]
+__all__ = ["batch_renorm", "ghost_batch_norm", "select"]
 
 
 def batch_renorm(
@@ -220,3 +221,39 @@ def ghost_batch_norm(
     avg = Moments((m.mean * has).sum(0) / k, (var * has).sum(0) / k, n.sum(0))
     new_stats = update_stats(stats, avg, momentum=momentum, unbiased_running_var=False)
     return y, new_stats
+
+
+def select(
+    *, renorm: bool = False, r_max: float = 3.0, d_max: float = 5.0,
+    virtual_batch_size: int | None = None,
+) -> Callable[..., tuple[Array, BatchStats | None]]:
+    """The normalization function with :func:`jaxbn.batch_norm`'s signature for a choice.
+
+    Used by the Flax modules to map their ``renorm`` / ``virtual_batch_size`` keywords to
+    :func:`batch_renorm`, :func:`ghost_batch_norm` or plain :func:`jaxbn.batch_norm`.
+
+    Args:
+      renorm: use Batch Renormalization with ``r_max`` and ``d_max``.
+      r_max: see :func:`batch_renorm`.
+      d_max: see :func:`batch_renorm`.
+      virtual_batch_size: use Ghost BatchNorm with virtual batches of this size.
+
+    Returns:
+      A function ``(x, params, stats, *, training, **batch_norm_keywords) -> (y, stats)``.
+
+    Raises:
+      ValueError: when both variants are asked for.
+
+    >>> select() is batch_norm
+    True
+    """
+    if renorm and virtual_batch_size is not None:
+        raise ValueError(
+            f"choose one of renorm=True and virtual_batch_size, got both (virtual_batch_size="
+            f"{virtual_batch_size})."
+        )
+    if renorm:
+        return partial(batch_renorm, r_max=r_max, d_max=d_max)
+    if virtual_batch_size is not None:
+        return partial(ghost_batch_norm, virtual_batch_size=virtual_batch_size)
+    return batch_norm

@@ -26,6 +26,9 @@ NUM_DEVICES = 8
 # feeding BN), which both sides return as rounding noise of ~1e-9.
 RTOL, ATOL = 1e-6, 1e-7
 
+# Keywords we add to flax's set: the unbiased running variance and the BN variants.
+EXTRAS = {"unbiased_running_var", "renorm", "renorm_r_max", "renorm_d_max", "virtual_batch_size"}
+
 
 def assert_trees_close(a, b, rtol=RTOL, atol=ATOL):
     assert jax.tree.structure(a) == jax.tree.structure(b)
@@ -129,7 +132,7 @@ def test_every_flax_field_and_call_argument_is_accepted():
     flax_fields, our_fields = _fields(nn.BatchNorm), _fields(bn_linen.BatchNorm)
     # Same order first (positional construction keeps working), extras only at the end.
     assert list(our_fields)[: len(flax_fields)] == list(flax_fields)
-    assert set(our_fields) - set(flax_fields) == {"unbiased_running_var"}
+    assert set(our_fields) - set(flax_fields) == EXTRAS
     for name, f in flax_fields.items():
         expected = False if name == "use_fast_variance" else f.default  # documented choice
         assert our_fields[name].default == expected, name

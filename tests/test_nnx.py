@@ -20,6 +20,9 @@ NUM_DEVICES = 8
 # algorithm and backward pass); the floor covers gradients that are zero in exact arithmetic.
 RTOL, ATOL = 1e-6, 1e-7
 
+# Keywords we add to flax's set: the unbiased running variance and the BN variants.
+EXTRAS = {"unbiased_running_var", "renorm", "renorm_r_max", "renorm_d_max", "virtual_batch_size"}
+
 
 def assert_trees_close(a, b, rtol=RTOL, atol=ATOL):
     assert jax.tree.structure(a) == jax.tree.structure(b)
@@ -116,7 +119,7 @@ def test_checkpoints_interchangeable():
 def test_every_flax_argument_is_accepted():
     sig_flax = inspect.signature(nnx.BatchNorm.__init__).parameters
     sig_ours = inspect.signature(bn_nnx.BatchNorm.__init__).parameters
-    assert set(sig_ours) - set(sig_flax) == {"unbiased_running_var"}
+    assert set(sig_ours) - set(sig_flax) == EXTRAS
     for name, p in sig_flax.items():
         q = sig_ours[name]
         assert q.kind == p.kind, name

@@ -180,3 +180,53 @@ def test_ghost_errors():
         ghost_batch_norm(x, None, None, training=True, virtual_batch_size=4, batch_axis=1)
     with pytest.raises(ValueError, match=r"more than 1 value per feature in each virtual batch"):
         ghost_batch_norm(x, None, None, training=True, virtual_batch_size=1)
+
+
+# ----------------------------------------------------------------------------------------
+# Through the Flax modules.
+
+
+@pytest.mark.parametrize("kind", ["linen", "nnx"])
+@pytest.mark.parametrize("variant", ["renorm", "ghost"])
+def test_module_keywords_select_the_variant(kind, variant):
+    """renorm=True / virtual_batch_size=v in the modules equal the pure functions."""
+    from flax import nnx
+
+    from jaxbn import linen as jlinen
+    from jaxbn import nnx as jnnx
+
+    x = _data((8, 5))
+    kw = {"renorm": True, "renorm_r_max": 1.5, "renorm_d_max": 0.5} if variant == "renorm" \
+        else {"virtual_batch_size": 4}
+    if kind == "linen":
+        bn = jlinen.BatchNorm(use_running_average=False, momentum=0.9, **kw)
+        variables = bn.init(jax.random.key(0), x)
+        running = {"mean": jnp.full(5, 0.5), "var": jnp.full(5, 2.0)}
+        variables = {**variables, "batch_stats": running}
+        y, upd = bn.apply(variables, x, mutable=["batch_stats"])
+        new_mean = upd["batch_stats"]["mean"]
+    else:
+        bn = jnnx.BatchNorm(5, momentum=0.9, rngs=nnx.Rngs(0), **kw)
+        bn.mean[...] = jnp.full(5, 0.5)
+        bn.var[...] = jnp.full(5, 2.0)
+        y = bn(x)
+        new_mean = bn.mean[...]
+    stats = jaxbn.BatchStats(jnp.full(5, 0.5), jnp.full(5, 2.0), jnp.array(0))
+    if variant == "renorm":
+        want, s = batch_renorm(x, jaxbn.init(5)[0], stats, training=True, momentum=0.9,
+                               r_max=1.5, d_max=0.5)
+    else:
+        want, s = ghost_batch_norm(x, jaxbn.init(5)[0], stats, training=True, momentum=0.9,
+                                   virtual_batch_size=4)
+    np.testing.assert_allclose(y, want, rtol=RTOL, atol=1e-6)
+    np.testing.assert_allclose(new_mean, s.mean, rtol=RTOL, atol=1e-6)
+    # And it is not plain BN.
+    plain, _ = jaxbn.batch_norm(x, jaxbn.init(5)[0], stats, training=True)
+    assert np.abs(np.asarray(y) - np.asarray(plain)).max() > 1e-3
+
+
+def test_select_rejects_both_variants():
+    from jaxbn.variants import select
+
+    with pytest.raises(ValueError, match="choose one of renorm=True and virtual_batch_size"):
+        select(renorm=True, virtual_batch_size=4)
