@@ -1,0 +1,312 @@
+"""Real multi-process runs: two processes x two CPU devices, gloo, a coordinator on 127.0.0.1.
+
+Each test starts ``tests/multihost_worker.py`` processes with a clean environment (two fake
+CPU devices each, not the eight of this process) and a wall-clock limit, so a hang fails the
+test instead of blocking CI. The reference results come from this process's first four
+fake devices, running the same code (:func:`tests.multihost_worker.compute`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from tests import multihost_worker as worker
+from train import distributed
+
+REPO = Path(__file__).resolve().parents[1]
+WORKER = Path(worker.__file__).resolve()
+LOCAL_DEVICES = 2
+#: Failure-detection bound that every fault test asserts (seconds).
+BOUND_S = 60.0
+#: Wall-clock limit of one worker process; far above a healthy run.
+PROCESS_LIMIT_S = 80.0
+#: The runtime's limits inside the fault tests: small, to keep the tests short. Runs where
+#: every process starts get TIMEOUT_S to join; lone processes (nobody to join) SOLO_TIMEOUT_S.
+TIMEOUT_S = 10
+SOLO_TIMEOUT_S = 3
+HEARTBEAT_S = 5
+FATAL = "JAX distributed service detected fatal errors"
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    """This environment without JAX's, XLA's, proxies or our run settings; two devices."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("XLA_", "JAX_", "JAXBN_", "TPU_", "SLURM_", "OMPI_", "PMI_"))
+        and "proxy" not in k.lower()
+    }
+    env.update(
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
+        JAX_PLATFORMS="cpu",
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+def _start(mode: str, out: Path, *args: str, env: dict[str, str] | None = None,
+           name: str = "worker") -> subprocess.Popen:
+    with open(out / f"{name}.log", "w") as log:  # the child keeps its own descriptor
+        return subprocess.Popen(
+            [sys.executable, str(WORKER), mode, "--out", str(out), *args],
+            env=env or _env(), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+        )
+
+
+def _finish(proc: subprocess.Popen, limit: float = PROCESS_LIMIT_S) -> tuple[int, float]:
+    """Waits for ``proc`` (killing it past ``limit``); returns (status, time.time() at exit)."""
+    try:
+        rc = proc.wait(timeout=limit)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        rc = None
+    return rc, time.time()
+
+
+def _log(out: Path, name: str) -> str:
+    return (out / f"{name}.log").read_text(errors="replace")
+
+
+def _ranks(port: int, n: int = 2, timeout: int = TIMEOUT_S) -> list[list[str]]:
+    return [["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(n),
+             "--process-id", str(i), "--timeout", str(timeout),
+             "--heartbeat", str(HEARTBEAT_S)] for i in range(n)]
+
+
+def _wait_for(path: Path, procs: list[subprocess.Popen], limit: float) -> None:
+    end = time.monotonic() + limit
+    while not path.exists():
+        if time.monotonic() > end or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            pytest.fail(f"{path.name} never appeared (a worker exited or hung)")
+        time.sleep(0.05)
+
+
+# --------------------------------------------------------------------------------------------
+# In this process: settings, single-process behaviour, helpers.
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for k in list(os.environ):
+        if k.startswith(("JAXBN_", "SLURM_", "OMPI_")) or k == "JAX_COORDINATOR_ADDRESS":
+            monkeypatch.delenv(k)
+    return monkeypatch
+
+
+def test_single_process_is_a_no_op(clean_env):
+    assert distributed.initialize() is False
+    assert distributed.initialize(num_processes=1) is False
+    clean_env.setenv(distributed.ENV_NUM_PROCESSES, "1")
+    assert distributed.initialize() is False
+    assert not jax.distributed.is_initialized()
+    assert distributed.is_main_process()
+    distributed.shutdown()  # nothing to shut down
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "env", "match"),
+    [
+        ({}, {"JAXBN_NUM_PROCESSES": "two"}, "JAXBN_NUM_PROCESSES must be an integer, got 'two'"),
+        ({"num_processes": 2, "process_id": 2, "coordinator_address": "h:1"}, {},
+         r"process_id must be in \[0, 1\]"),
+        ({"num_processes": 0}, {}, "num_processes must be >= 1"),
+        ({"num_processes": 2, "process_id": 1}, {}, r"missing: coordinator_address \(or "
+         "JAXBN_COORDINATOR\\)"),
+        ({}, {"JAXBN_COORDINATOR": "h:1", "JAXBN_PROCESS_ID": "0"}, "missing: num_processes"),
+        ({"timeout_s": 0}, {}, "timeout_s must be a positive number of seconds"),
+        ({}, {"JAXBN_HEARTBEAT_TIMEOUT_S": "-1"}, "JAXBN_HEARTBEAT_TIMEOUT_S must be"),
+        ({"local_device_count": 0}, {}, "local_device_count must be a positive int"),
+    ],
+)
+def test_bad_settings_raise_before_touching_jax(clean_env, kwargs, env, match):
+    for k, v in env.items():
+        clean_env.setenv(k, v)
+    with pytest.raises(ValueError, match=match):
+        distributed.initialize(**kwargs)
+    assert not jax.distributed.is_initialized()
+
+
+def test_local_device_count_too_late_says_so(clean_env):
+    with pytest.raises(RuntimeError, match="call initialize\\(\\) before anything"):
+        distributed.initialize(num_processes=1, local_device_count=3)
+    assert distributed.initialize(num_processes=1, local_device_count=jax.device_count()) is False
+
+
+def test_unreachable_coordinator_probe_is_bounded():
+    port = _free_port()
+    start = time.monotonic()
+    with pytest.raises(distributed.CoordinatorUnreachableError,
+                       match=f"could not reach the coordinator at 127.0.0.1:{port} within 1 s"):
+        distributed._wait_for_coordinator(f"127.0.0.1:{port}", 1)
+    assert time.monotonic() - start < 3
+    with pytest.raises(ValueError, match="must be 'host:port'"):
+        distributed._wait_for_coordinator("127.0.0.1", 1)
+
+
+def test_helpers_on_one_process():
+    mesh = distributed.global_mesh()
+    assert mesh.axis_names == (distributed.AXIS,) and mesh.size == jax.device_count()
+    assert distributed.process_batch_slice(16, mesh) == slice(0, 16)
+    with pytest.raises(ValueError, match="multiple of the 8 devices"):
+        distributed.process_batch_slice(12, mesh)
+    images, labels = np.arange(16 * 3, dtype=np.float32).reshape(16, 3), np.arange(16)
+    batch = distributed.make_global_batch((images, labels), mesh)
+    assert batch[0].sharding.spec == jax.sharding.PartitionSpec("batch")
+    np.testing.assert_array_equal(batch[0], images)
+    np.testing.assert_array_equal(batch[1], labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Synchronized BN over two processes equals BN on one process with the same four devices.
+
+
+@pytest.fixture(scope="module")
+def two_process_bn(tmp_path_factory):
+    """Runs the 'bn' workers, configured through the JAXBN_* environment variables."""
+    out = tmp_path_factory.mktemp("bn")
+    port = _free_port()
+    procs = [
+        _start("bn", out, env=_env(JAXBN_COORDINATOR=f"127.0.0.1:{port}",
+                                   JAXBN_NUM_PROCESSES="2", JAXBN_PROCESS_ID=str(i)),
+               name=f"p{i}")
+        for i in range(2)
+    ]
+    # The reference is computed while the workers start up.
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("batch",))
+    reference = worker.compute(mesh)
+    for i, p in enumerate(procs):
+        rc, _ = _finish(p)
+        assert rc == 0, f"process {i} exited with {rc}:\n{_log(out, f'p{i}')}"
+    results = [dict(np.load(out / f"p{i}.npz")) for i in range(2)]
+    return reference, results
+
+
+def test_two_processes_see_four_devices(two_process_bn, tmp_path):
+    _, results = two_process_bn
+    assert [tuple(r["rows"]) for r in results] == [(0, 8), (8, 16)]
+
+
+@pytest.mark.parametrize("variant", worker.VARIANTS)
+def test_bn_matches_single_process(two_process_bn, variant):
+    reference, results = two_process_bn
+    for key in ("y", "dx"):  # sharded: each process holds its rows
+        got = np.concatenate([r[f"{variant}/{key}"] for r in results])
+        np.testing.assert_allclose(got, reference[f"{variant}/{key}"], rtol=1e-5, atol=1e-5,
+                                   err_msg=key)
+    for key in ("mean", "var", "count", "dscale", "dbias"):  # replicated: whole everywhere
+        for r in results:
+            np.testing.assert_allclose(r[f"{variant}/{key}"], reference[f"{variant}/{key}"],
+                                       rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+def test_masked_statistics_are_those_of_the_valid_elements(two_process_bn):
+    _, results = two_process_bn
+    data = worker.inputs()
+    valid = data["x"][np.broadcast_to(data["mask"], data["x"].shape)].reshape(-1, worker.FEATURES)
+    for variant in ("shard_map_mask", "jit_mask"):
+        # momentum 0.9 from mean 0, var 1: new = 0.1 * batch + 0.9 * old.
+        np.testing.assert_allclose(results[1][f"{variant}/mean"], 0.1 * valid.mean(0),
+                                   rtol=1e-5)
+        np.testing.assert_allclose(results[1][f"{variant}/var"], 0.1 * valid.var(0) + 0.9,
+                                   rtol=1e-5)
+
+
+def test_slurm_environment_is_detected_by_jax(tmp_path):
+    """No flags, no JAXBN_*: a fake two-task SLURM step on this host, read by JAX itself."""
+    port = _free_port()
+    slurm = dict(SLURM_JOB_ID="4242", SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS="2",
+                 SLURM_STEP_NUM_NODES="1", JAX_COORDINATOR_PORT=str(port))
+    procs = [_start("init", tmp_path, "--timeout", str(TIMEOUT_S),
+                    env=_env(**slurm, SLURM_PROCID=str(i), SLURM_LOCALID=str(i)), name=f"p{i}")
+             for i in range(2)]
+    for i, p in enumerate(procs):
+        rc, _ = _finish(p)
+        log = _log(tmp_path, f"p{i}")
+        assert rc == 0, log
+        assert f"process {i}/2: 2 local devices, 4 in all" in log, log
+        assert "all-reduce over 4 devices: 4" in log, log
+
+
+# --------------------------------------------------------------------------------------------
+# Faults: a dead peer, an unreachable coordinator, a missing peer.
+
+
+def test_peer_exit_after_init_fails_the_other_within_bound(tmp_path):
+    port = _free_port()
+    procs = [_start("die", tmp_path, *r, "--victim", "1", name=f"p{i}")
+             for i, r in enumerate(_ranks(port))]
+    rc1, _ = _finish(procs[1])
+    rc0, t0 = _finish(procs[0])
+    assert rc1 == 3, _log(tmp_path, "p1")
+    died = float((tmp_path / "died").read_text())
+    detected = t0 - died
+    print(f"process 1 exited; process 0 failed {detected:.1f} s later")
+    log = _log(tmp_path, "p0")
+    assert rc0 not in (0, None), log
+    assert FATAL in log and "another task died" in log, log
+    assert detected < BOUND_S
+
+
+@pytest.mark.parametrize("victim", [0, 1], ids=["coordinator", "worker"])
+def test_sigkill_mid_collective_fails_the_other_within_bound(tmp_path, victim):
+    port = _free_port()
+    procs = [_start("loop", tmp_path, *r, name=f"p{i}") for i, r in enumerate(_ranks(port))]
+    for i in range(2):
+        _wait_for(tmp_path / f"ready{i}", procs, PROCESS_LIMIT_S)
+    procs[victim].send_signal(signal.SIGKILL)
+    killed = time.time()
+    _finish(procs[victim])
+    survivor = 1 - victim
+    rc, t = _finish(procs[survivor])
+    detected = t - killed
+    print(f"process {victim} killed; process {survivor} failed {detected:.1f} s later")
+    log = _log(tmp_path, f"p{survivor}")
+    assert rc not in (0, None), log
+    assert FATAL in log, log
+    assert detected < BOUND_S
+
+
+def test_unreachable_coordinator_fails_within_bound(tmp_path):
+    port = _free_port()  # nothing listens there
+    start = time.time()
+    proc = _start("init", tmp_path, *_ranks(port, timeout=SOLO_TIMEOUT_S)[1], name="p1")
+    rc, t = _finish(proc)
+    log = _log(tmp_path, "p1")
+    print(f"unreachable coordinator: failed after {t - start:.1f} s")
+    assert rc == 1, log
+    assert "CoordinatorUnreachableError: could not reach the coordinator at 127.0.0.1" in log
+    assert t - start < BOUND_S
+
+
+def test_missing_peer_fails_the_coordinator_within_bound(tmp_path):
+    port = _free_port()
+    start = time.time()
+    # Process 1 never starts.
+    proc = _start("init", tmp_path, *_ranks(port, timeout=SOLO_TIMEOUT_S)[0], name="p0")
+    rc, t = _finish(proc)
+    log = _log(tmp_path, "p0")
+    print(f"missing peer: coordinator failed after {t - start:.1f} s")
+    assert rc not in (0, None), log
+    assert "DEADLINE_EXCEEDED" in log or FATAL in log, log
+    assert t - start < BOUND_S

@@ -1,0 +1,451 @@
+"""Many hosts: JAX's multi-process runtime for the training program, and its failure bounds.
+
+One Python process runs per host (or per GPU, as SLURM usually launches them); together they
+see one global set of devices, ``jax.devices()``, and a jitted function over a mesh of all of
+them runs on every process at once (SPMD). :func:`jax.distributed.initialize` is the engine:
+process 0 runs the coordination service, every process connects to it, and cross-process
+collectives go through gloo on CPU and NCCL / ICI on GPU / TPU. Batch Normalization needs
+nothing more: its ``psum`` over the mesh axis spans every process.
+
+Typical use, identical on one process and on many::
+
+    from train import distributed
+
+    distributed.initialize()          # flags or JAXBN_* environment, else auto-detection
+    mesh = distributed.global_mesh()  # all devices of all processes, axis 'batch'
+    rows = distributed.process_batch_slice(global_batch_size)
+    batch = distributed.make_global_batch(images[rows], mesh)
+    ...
+    if distributed.is_main_process():
+        write_metrics(...)
+
+Failure behaviour. A process that dies (crash, ``SIGKILL``, out of memory, preemption) stops
+sending heartbeats; after ``heartbeat_timeout_s`` the coordination service tells every other
+process, and JAX *terminates* them (``SIGABRT``, exit status 134 from a shell) with the
+message "Terminating process because the JAX distributed service detected fatal errors. This
+most likely indicates that another task died". If process 0 (the coordinator) dies, the
+others notice at once (their connection closes). A coordinator that cannot be reached makes
+:func:`initialize` raise :class:`CoordinatorUnreachableError` after ``timeout_s``; a process
+that never joins makes the others abort (as above) about 5 s after ``timeout_s``. The
+defaults (30 s, 15 s) bound all of these well under a minute, where JAX's own defaults are
+100 s to 5 minutes; ``tests/test_multihost.py`` measures them.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import sys
+import time
+import warnings
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+__all__ = [
+    "AXIS",
+    "ENV_COORDINATOR",
+    "ENV_NUM_PROCESSES",
+    "ENV_PROCESS_ID",
+    "ENV_TIMEOUT_S",
+    "ENV_HEARTBEAT_TIMEOUT_S",
+    "ENV_SHUTDOWN_TIMEOUT_S",
+    "CoordinatorUnreachableError",
+    "global_mesh",
+    "initialize",
+    "is_main_process",
+    "make_global_batch",
+    "process_batch_slice",
+    "shutdown",
+]
+
+#: Name of the data-parallel mesh axis (and of BN's ``axis_name``).
+AXIS = "batch"
+#: ``host:port`` of process 0's coordination service.
+ENV_COORDINATOR = "JAXBN_COORDINATOR"
+#: Total number of processes.
+ENV_NUM_PROCESSES = "JAXBN_NUM_PROCESSES"
+#: This process's id, in ``0 .. num_processes - 1``.
+ENV_PROCESS_ID = "JAXBN_PROCESS_ID"
+
+#: Overrides of the defaults below (seconds), for launchers that only pass environment.
+ENV_TIMEOUT_S = "JAXBN_TIMEOUT_S"
+ENV_HEARTBEAT_TIMEOUT_S = "JAXBN_HEARTBEAT_TIMEOUT_S"
+ENV_SHUTDOWN_TIMEOUT_S = "JAXBN_SHUTDOWN_TIMEOUT_S"
+
+#: Seconds to wait for the coordinator and for every process to join.
+DEFAULT_TIMEOUT_S = 30
+#: Seconds without a heartbeat after which a process counts as dead (JAX's default: 100).
+DEFAULT_HEARTBEAT_TIMEOUT_S = 15
+#: Seconds a finishing process waits at exit for the others to finish (JAX's default: 300).
+DEFAULT_SHUTDOWN_TIMEOUT_S = 120
+
+
+class CoordinatorUnreachableError(RuntimeError):
+    """Nothing accepted a connection at the coordinator address before the timeout."""
+
+
+# --------------------------------------------------------------------------------------------
+# Start-up.
+
+
+def _int_or_none(name: str, value: Any) -> int | None:
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be an integer, got {value!r}.") from None
+
+
+def _seconds(name: str, value: int | None, env: str, default: int) -> int:
+    if value is None:
+        value = _int_or_none(env, os.environ.get(env))
+        name = env if value is not None else name
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}.")
+    return value
+
+
+def _backends_initialized() -> bool:
+    try:
+        from jax._src import xla_bridge
+    except ImportError:  # pragma: no cover - private API moved; assume the worst.
+        return True
+    return bool(xla_bridge.backends_are_initialized())
+
+
+def _cluster_detected() -> str | None:
+    """The name of the cluster environment JAX would auto-detect (SLURM, TPU, ...), or None.
+
+    JAX has no public "is there a cluster?" query; this asks the same private registry that
+    :func:`jax.distributed.initialize` consults. Were it to move, we fall back to letting
+    ``initialize`` decide (which requires JAX not to have started yet).
+    """
+    try:
+        from jax._src.clusters import ClusterEnv
+
+        kinds = list(ClusterEnv._cluster_types)
+    except (ImportError, AttributeError):  # pragma: no cover - depends on JAX's internals
+        return "unknown"
+    for kind in kinds:
+        if getattr(kind, "opt_in_only_method", False):
+            continue
+        try:
+            # Kubernetes without the `kubernetes` package warns here; that pod is simply
+            # not a multi-process job, which is not worth a warning on every run.
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                present = kind.is_env_present()
+        except Exception:  # noqa: BLE001 - a broken probe means "not this cluster"
+            continue
+        if present:
+            return kind.__name__
+    return None
+
+
+def _split_address(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(
+            f"coordinator address must be 'host:port' (e.g. 10.0.0.1:12345), got {address!r}."
+        )
+    return host.strip("[]"), int(port)
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    """Blocks until something accepts TCP connections at ``address``, or raises.
+
+    JAX's client retries for ``initialization_timeout`` and then aborts the process from C++
+    with a generic "DEADLINE_EXCEEDED" message; probing first turns the commonest mistake
+    (wrong address, process 0 not started, firewall) into a Python exception that says so.
+    """
+    host, port = _split_address(address)
+    deadline = time.monotonic() + timeout_s
+    last: OSError | None = None
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            with socket.create_connection((host, port), timeout=min(2.0, remaining)):
+                return
+        except OSError as e:  # refused, unreachable, unresolvable: retry until the deadline
+            last = e
+            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
+    raise CoordinatorUnreachableError(
+        f"could not reach the coordinator at {address} within {timeout_s:g} s "
+        f"({type(last).__name__}: {last}). Check that process 0 was started with the same "
+        f"address, that this host can reach it (port open, no proxy), or raise timeout_s."
+    )
+
+
+def initialize(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    *,
+    local_device_count: int | None = None,
+    timeout_s: int | None = None,
+    heartbeat_timeout_s: int | None = None,
+    shutdown_timeout_s: int | None = None,
+) -> bool:
+    """Joins this process to the multi-process JAX runtime, or does nothing for one process.
+
+    Each of ``coordinator_address``, ``num_processes`` and ``process_id`` comes from its
+    argument, else from ``JAXBN_COORDINATOR`` (or JAX's ``JAX_COORDINATOR_ADDRESS``) /
+    ``JAXBN_NUM_PROCESSES`` / ``JAXBN_PROCESS_ID``, else from the cluster environment that
+    :func:`jax.distributed.initialize` auto-detects (SLURM, Cloud TPU, Kubernetes for GKE
+    TPUs, Open MPI). With none of these, or ``num_processes == 1``, the run is single-process
+    and nothing is started. Must be called before anything else touches JAX
+    (``jax.devices()``, any computation).
+
+    On CPU the cross-process collectives are gloo's (``jax_cpu_collectives_implementation``).
+
+    Failure bounds: a peer that dies is detected after ``heartbeat_timeout_s`` (and this
+    process is then terminated by JAX with a message naming the dead task); a coordinator
+    that accepts no connection raises :class:`CoordinatorUnreachableError` after
+    ``timeout_s``; a process that never joins makes the others abort about 5 s after
+    ``timeout_s``.
+
+    Args:
+      coordinator_address: ``host:port`` of process 0, reachable from every process.
+      num_processes: total number of processes.
+      process_id: this process's id in ``0 .. num_processes - 1``; 0 runs the coordinator.
+      local_device_count: number of CPU devices this process exposes (sets
+        ``jax_num_cpu_devices``, overriding ``--xla_force_host_platform_device_count``);
+        ``None`` keeps JAX's default. Ignored by GPU and TPU backends.
+      timeout_s: seconds to wait for the coordinator to accept connections and for every
+        process to join; default ``JAXBN_TIMEOUT_S``, else 30.
+      heartbeat_timeout_s: seconds without a heartbeat after which a process counts as
+        dead; default ``JAXBN_HEARTBEAT_TIMEOUT_S``, else 15.
+      shutdown_timeout_s: seconds a process waits at exit for the others to finish too;
+        default ``JAXBN_SHUTDOWN_TIMEOUT_S``, else 120.
+
+    Returns:
+      True if a multi-process runtime is running (started now or before), False for a
+      single process.
+
+    Raises:
+      ValueError: an environment variable is not an integer, the address is not
+        ``host:port``, ``process_id`` is out of range, or only some of the three settings
+        were given and no cluster environment supplies the rest.
+      CoordinatorUnreachableError: nothing listened at the coordinator address in time.
+      RuntimeError: JAX had already started (called too late).
+
+    >>> initialize(num_processes=1)  # one process: nothing to start
+    False
+    """
+    if jax.distributed.is_initialized():
+        return True
+    coordinator_address = (coordinator_address or os.environ.get(ENV_COORDINATOR)
+                           or os.environ.get("JAX_COORDINATOR_ADDRESS") or None)
+    num_processes = _int_or_none(
+        ENV_NUM_PROCESSES,
+        num_processes if num_processes is not None else os.environ.get(ENV_NUM_PROCESSES),
+    )
+    process_id = _int_or_none(
+        ENV_PROCESS_ID, process_id if process_id is not None else os.environ.get(ENV_PROCESS_ID)
+    )
+    timeout_s = _seconds("timeout_s", timeout_s, ENV_TIMEOUT_S, DEFAULT_TIMEOUT_S)
+    heartbeat_timeout_s = _seconds("heartbeat_timeout_s", heartbeat_timeout_s,
+                                   ENV_HEARTBEAT_TIMEOUT_S, DEFAULT_HEARTBEAT_TIMEOUT_S)
+    shutdown_timeout_s = _seconds("shutdown_timeout_s", shutdown_timeout_s,
+                                  ENV_SHUTDOWN_TIMEOUT_S, DEFAULT_SHUTDOWN_TIMEOUT_S)
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}.")
+    if num_processes is not None and process_id is not None and not (
+        0 <= process_id < num_processes
+    ):
+        raise ValueError(
+            f"process_id must be in [0, {num_processes - 1}] for {num_processes} processes, "
+            f"got {process_id}."
+        )
+
+    explicit = (coordinator_address, num_processes, process_id)
+    cluster = None if None not in explicit or num_processes == 1 else _cluster_detected()
+    if local_device_count is not None:
+        _set_local_device_count(local_device_count)
+    if num_processes == 1 or (explicit == (None, None, None) and cluster is None):
+        return False
+    if None in explicit and cluster is None:
+        missing = [
+            f"{arg} (or {env})"
+            for arg, env, value in (
+                ("coordinator_address", ENV_COORDINATOR, coordinator_address),
+                ("num_processes", ENV_NUM_PROCESSES, num_processes),
+                ("process_id", ENV_PROCESS_ID, process_id),
+            )
+            if value is None
+        ]
+        if missing:
+            raise ValueError(
+                f"a multi-process run needs coordinator_address, num_processes and process_id, "
+                f"and no cluster environment (SLURM, Cloud TPU, Open MPI) supplies the rest; "
+                f"missing: {', '.join(missing)}."
+            )
+
+    # Affects only the CPU backend; gloo is JAX's default today, named here so that a
+    # changed default cannot silently leave CPU processes without cross-process collectives.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    start = time.monotonic()
+    if coordinator_address is not None and process_id not in (None, 0):
+        _wait_for_coordinator(coordinator_address, timeout_s)
+    remaining = max(2, math.ceil(timeout_s - (time.monotonic() - start)))
+    if None not in explicit:
+        print(
+            f"jaxbn: process {process_id}/{num_processes} joining the coordinator at "
+            f"{coordinator_address} (waits {remaining} s for all {num_processes} processes; "
+            f"a dead process is detected after {heartbeat_timeout_s} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+    try:
+        jax.distributed.initialize(
+            coordinator_address,
+            num_processes,
+            process_id,
+            initialization_timeout=remaining,
+            heartbeat_timeout_seconds=heartbeat_timeout_s,
+            shutdown_timeout_seconds=shutdown_timeout_s,
+        )
+    except ValueError as e:
+        if cluster == "unknown" and explicit == (None, None, None) and (
+            "coordinator_address" in str(e)
+        ):
+            return False  # _cluster_detected could not tell, and JAX found no cluster either
+        raise
+    return True
+
+
+def _set_local_device_count(n: int) -> None:
+    if not (isinstance(n, int) and n > 0):
+        raise ValueError(f"local_device_count must be a positive int, got {n!r}.")
+    if _backends_initialized():
+        if jax.local_device_count() != n:
+            raise RuntimeError(
+                f"local_device_count={n} but JAX has already started with "
+                f"{jax.local_device_count()} local devices; call initialize() before anything "
+                f"touches JAX."
+            )
+        return
+    jax.config.update("jax_num_cpu_devices", n)
+
+
+def shutdown() -> None:
+    """Leaves the multi-process runtime (waits for the other processes); a no-op otherwise.
+
+    JAX also calls this at interpreter exit, so calling it is only needed to leave early.
+    """
+    if jax.distributed.is_initialized():
+        jax.distributed.shutdown()
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers for a data-parallel training loop.
+
+
+def is_main_process() -> bool:
+    """True on process 0: the one that prints, writes metrics, plots and logs.
+
+    >>> is_main_process()
+    True
+    """
+    return jax.process_index() == 0
+
+
+def global_mesh(axis_name: str = AXIS) -> Mesh:
+    """A one-axis mesh over every device of every process, grouped by process.
+
+    Args:
+      axis_name: name of the mesh axis (BN's ``axis_name`` under ``shard_map``).
+
+    Returns:
+      A :class:`jax.sharding.Mesh` of shape ``(jax.device_count(),)`` whose devices are in
+      ``jax.devices()`` order, so each process's devices hold one contiguous block of rows
+      of a batch sharded along ``axis_name``.
+
+    >>> mesh = global_mesh()
+    >>> mesh.axis_names, mesh.size == jax.device_count()
+    (('batch',), True)
+    """
+    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    return Mesh(
+        np.array(devices), (axis_name,), axis_types=(jax.sharding.AxisType.Auto,)
+    )
+
+
+def process_batch_slice(
+    global_batch_size: int, mesh: Mesh | None = None, *, axis_name: str = AXIS
+) -> slice:
+    """The rows of a global batch that this process loads and feeds.
+
+    Args:
+      global_batch_size: rows of the global batch, divisible by the number of devices
+        along ``axis_name``.
+      mesh: the mesh the batch is sharded over (default :func:`global_mesh`).
+      axis_name: the mesh axis the batch's first dimension is sharded along.
+
+    Returns:
+      ``slice(start, stop)``: this process's contiguous block of rows, of length
+      ``global_batch_size / jax.process_count()`` for a mesh over all devices.
+
+    Raises:
+      ValueError: the batch does not divide over the devices, or this process's rows are
+        not contiguous in ``mesh`` (build it with :func:`global_mesh`).
+
+    >>> process_batch_slice(8)  # one process holds every row
+    slice(0, 8, None)
+    """
+    mesh = global_mesh(axis_name) if mesh is None else mesh
+    n = mesh.shape[axis_name]
+    if global_batch_size <= 0 or global_batch_size % n:
+        raise ValueError(
+            f"global_batch_size {global_batch_size} must be a positive multiple of the "
+            f"{n} devices along mesh axis {axis_name!r}."
+        )
+    sharding = NamedSharding(mesh, P(axis_name))
+    index_map = sharding.addressable_devices_indices_map((global_batch_size,))
+    starts = sorted({idx[0].indices(global_batch_size)[:2] for idx in index_map.values()})
+    if not starts:
+        raise ValueError(f"this process has no device in the mesh {mesh}.")
+    for (_, stop), (start, _) in zip(starts, starts[1:], strict=False):
+        if stop != start:
+            raise ValueError(
+                f"this process's rows {starts} are not contiguous in the mesh; order its "
+                f"devices by process, as global_mesh() does."
+            )
+    return slice(starts[0][0], starts[-1][1])
+
+
+def make_global_batch(local: Any, mesh: Mesh | None = None, spec: P | None = None) -> Any:
+    """Assembles one global :class:`jax.Array` from every process's rows.
+
+    Every process calls this with its own rows (those of :func:`process_batch_slice`); the
+    result is one array (or pytree of arrays) of the global shape, sharded by ``spec``,
+    whose shards live on the processes that supplied them. No data crosses processes.
+
+    Args:
+      local: this process's rows, an array or a pytree of arrays (e.g. images, labels).
+      mesh: the global mesh (default :func:`global_mesh`).
+      spec: how the global array is sharded (default ``P(AXIS)``: rows over the batch
+        axis).
+
+    Returns:
+      A global :class:`jax.Array` (or the same pytree of them).
+
+    >>> import numpy as np
+    >>> batch = make_global_batch(np.zeros((8, 3), np.float32))
+    >>> batch.shape, batch.sharding.spec == P(AXIS)
+    ((8, 3), True)
+    """
+    mesh = global_mesh() if mesh is None else mesh
+    sharding = NamedSharding(mesh, P(AXIS) if spec is None else spec)
+    return jax.tree.map(
+        lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), local
+    )
