@@ -1,0 +1,383 @@
+"""End-to-end tests of ``python -m train.lenet`` (train/lenet.py) on tiny data.
+
+Runs with the same settings share their compiled steps (``lenet._build`` is cached), so most
+runs here cost well under a second after the first.
+"""
+
+import contextlib
+import functools
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from train import data, lenet
+
+REAL_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+N_TRAIN, N_TEST, BATCH = 256, 72, 32
+STEPS_PER_EPOCH = N_TRAIN // BATCH
+FINAL_LINE = re.compile(
+    r"^final: epochs=(?P<epochs>[\d.]+) steps=(?P<steps>\d+) "
+    r"test_accuracy=(?P<acc>[01]\.\d{4}) test_loss=(?P<loss>\d+\.\d{4}) "
+    r"train_accuracy=[01]\.\d{4} seconds=\d+\.\d workdir=(?P<workdir>\S+) "
+    r"checkpoint=(?P<checkpoint>\S+) metrics=(?P<metrics>\S+) plot=(?P<plot>\S+)$"
+)
+METRIC_KEYS = {
+    "epoch", "step", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+    "images_per_sec", "train_seconds", "lr", "dataset",
+}
+
+
+def _synthetic(n, rng):
+    """Learnable 28x28 images: class c has a bright band at rows 2c..2c+5, plus noise."""
+    labels = rng.integers(0, 10, n)
+    images = rng.integers(0, 80, (n, 28, 28)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        images[i, 2 * c : 2 * c + 6, 4:24] = 220
+    return images, labels
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    directory = tmp_path_factory.mktemp("idx")
+    return data.write_idx_dataset(directory, *_synthetic(N_TRAIN, rng), *_synthetic(N_TEST, rng))
+
+
+def _args(idx_dir, workdir, *extra):
+    return [
+        "--data-dir", str(idx_dir), "--workdir", str(workdir), "--batch-size", str(BATCH),
+        "--epochs", "2", "--eval-batch-size", "32", "--no-progress", *map(str, extra),
+    ]
+
+
+@pytest.fixture(scope="module")
+def straight(idx_dir, tmp_path_factory):
+    """An uninterrupted two-epoch run: (result, stdout lines, workdir)."""
+    workdir = tmp_path_factory.mktemp("straight")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = lenet.main(_args(idx_dir, workdir))
+    return result, out.getvalue().splitlines(), workdir
+
+
+def _same_metrics(a, b, **tol):
+    for key in ("step", "epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+        if tol:
+            np.testing.assert_allclose(a[key], b[key], err_msg=key, **tol)
+        else:
+            assert a[key] == b[key], key
+
+
+def _same_params(workdir_a, workdir_b, **tol):
+    a, b = lenet.load_checkpoint(workdir_a), lenet.load_checkpoint(workdir_b)
+    for part in ("params", "batch_stats"):
+        flat_a = dict(_flatten(a["state"][part]))
+        flat_b = dict(_flatten(b["state"][part]))
+        assert flat_a.keys() == flat_b.keys()
+        for k in flat_a:
+            np.testing.assert_allclose(flat_a[k], flat_b[k], err_msg=k, **tol)
+
+
+def _flatten(tree, prefix=""):
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flatten(v, f"{prefix}{k}/")
+        else:
+            yield prefix + k, v
+
+
+# ------------------------------------------------------------------------------------------
+# The whole loop.
+
+
+def test_end_to_end_outputs(straight):
+    result, lines, workdir = straight
+    # The last line is the machine-readable summary, and agrees with the returned metrics.
+    match = FINAL_LINE.match(lines[-1])
+    assert match, lines[-1]
+    assert float(match["epochs"]) == 2 and int(match["steps"]) == 2 * STEPS_PER_EPOCH
+    assert float(match["acc"]) == pytest.approx(result["test_accuracy"], abs=1e-4)
+    assert float(match["loss"]) == pytest.approx(result["test_loss"], abs=1e-4)
+    assert match["workdir"] == str(workdir)
+    # Where things went is printed before it.
+    assert f"checkpoint: {match['checkpoint']}" in lines
+    assert f"metrics: {match['metrics']}" in lines and f"plot: {match['plot']}" in lines
+    assert sum(line.startswith("epoch ") for line in lines) == 2
+    # The tiny data is learnable: well above chance after two epochs.
+    assert result["test_accuracy"] > 0.5
+    # metrics.jsonl: one row per epoch.
+    rows = [json.loads(r) for r in Path(match["metrics"]).read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2] and set(rows[0]) == METRIC_KEYS
+    assert rows[-1]["test_accuracy"] == result["test_accuracy"]
+    assert Path(match["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Checkpoints: one per epoch; the latest is the final state.
+    assert Path(match["checkpoint"]) == workdir / "checkpoints" / str(2 * STEPS_PER_EPOCH)
+    ckpt = lenet.load_checkpoint(workdir)
+    assert int(ckpt["state"]["step"]) == 2 * STEPS_PER_EPOCH
+    assert ckpt["meta"]["metrics"]["test_accuracy"] == result["test_accuracy"]
+    assert ckpt["meta"]["config"]["norm"] == "jaxbn" and ckpt["rng"].dtype == np.uint32
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) \
+        == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
+    # Gradients reach every parameter, and BN's running statistics move: all change in epoch 2.
+    first = lenet.load_checkpoint(workdir, STEPS_PER_EPOCH)["state"]
+    for part in ("params", "batch_stats"):
+        before, after = dict(_flatten(first[part])), dict(_flatten(ckpt["state"][part]))
+        assert before.keys() == after.keys() and len(before) == {"params": 12, "batch_stats": 4}[
+            part]
+        unchanged = [k for k in before if np.array_equal(before[k], after[k])]
+        assert not unchanged, unchanged
+
+
+def test_tfds_mock_data(tmp_path, monkeypatch, capsys):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.setattr(data, "DEBIAN_DATASETS_ROOT", str(tmp_path / "none"))
+    with tfds.testing.mock_data(num_examples=64, policy=tfds.testing.MockPolicy.USE_CODE):
+        result = lenet.main([
+            "--workdir", str(tmp_path / "w"), "--batch-size", "16", "--epochs", "1",
+            "--no-progress",
+        ])
+    out = capsys.readouterr().out
+    assert "tfds:fashion_mnist" in out and "64 train / 64 test" in out
+    assert FINAL_LINE.match(out.splitlines()[-1])
+    assert result["step"] == 4 and 0 <= result["test_accuracy"] <= 1
+
+
+# ------------------------------------------------------------------------------------------
+# Resuming.
+
+
+def test_resume_equals_uninterrupted_run(straight, idx_dir, tmp_path, capsys):
+    result, _, straight_dir = straight
+    workdir = tmp_path / "w"
+    # An empty workdir with --resume starts from scratch; --max-steps stops after epoch 1.
+    first = lenet.main(_args(idx_dir, workdir, "--resume", "--max-steps", STEPS_PER_EPOCH))
+    assert "no checkpoint" in capsys.readouterr().out and first["epoch"] == 1
+    resumed = lenet.main(_args(idx_dir, workdir, "--resume"))
+    assert f"resumed from {workdir / 'checkpoints' / str(STEPS_PER_EPOCH)}" in \
+        capsys.readouterr().out
+    _same_metrics(resumed, result)
+    _same_params(workdir, straight_dir, rtol=0, atol=0)
+    rows = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
+    # Resuming a finished run trains nothing and reports the same final metrics.
+    again = lenet.main(_args(idx_dir, workdir, "--resume"))
+    _same_metrics(again, result)
+
+
+def test_resume_refuses_a_different_model(straight, idx_dir, tmp_path, capsys):
+    _, _, straight_dir = straight
+    workdir = tmp_path / "w"
+    lenet.main(_args(idx_dir, workdir, "--max-steps", 2))
+    with pytest.raises(SystemExit) as exc:
+        lenet.main(_args(idx_dir, workdir, "--resume", "--norm", "none"))
+    assert exc.value.code == 2
+    assert "made with norm='jaxbn', got norm='none'" in capsys.readouterr().err
+
+
+def test_fresh_run_replaces_old_checkpoints(idx_dir, tmp_path, capsys):
+    workdir = tmp_path / "w"
+    lenet.main(_args(idx_dir, workdir, "--max-steps", STEPS_PER_EPOCH + 2))
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == \
+        [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 2]
+    lenet.main(_args(idx_dir, workdir, "--max-steps", 3))
+    assert "starting from scratch: removing checkpoints" in capsys.readouterr().out
+    assert [p.name for p in (workdir / "checkpoints").iterdir()] == ["3"]
+    assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_ctrl_c_keeps_a_loadable_checkpoint(straight, idx_dir, tmp_path, monkeypatch, capsys):
+    result, _, _ = straight
+    workdir = tmp_path / "w"
+    interrupt_at = STEPS_PER_EPOCH + 3  # In epoch 2, just after epoch 1's checkpoint.
+
+    def on_step(epoch, step):
+        if step == interrupt_at:
+            raise KeyboardInterrupt
+
+    original = lenet.train_and_evaluate
+    monkeypatch.setattr(lenet, "train_and_evaluate", functools.partial(original, on_step=on_step))
+    with pytest.raises(SystemExit) as exc:
+        lenet.main(_args(idx_dir, workdir))
+    assert exc.value.code == lenet.EXIT_INTERRUPTED
+    assert "interrupted" in capsys.readouterr().err
+    ckpt = lenet.load_checkpoint(workdir)
+    assert ckpt["meta"]["step"] == STEPS_PER_EPOCH and ckpt["meta"]["epoch"] == 1
+    assert not list((workdir / "checkpoints").glob("*tmp*"))
+    monkeypatch.setattr(lenet, "train_and_evaluate", original)
+    resumed = lenet.main(_args(idx_dir, workdir, "--resume"))
+    _same_metrics(resumed, result)
+
+
+def test_interrupt_mid_epoch_then_resume_mid_epoch(straight, idx_dir, tmp_path):
+    """A checkpoint in the middle of an epoch (--max-steps) resumes at the same batch."""
+    result, _, straight_dir = straight
+    workdir = tmp_path / "w"
+    lenet.main(_args(idx_dir, workdir, "--max-steps", STEPS_PER_EPOCH + 3))
+    resumed = lenet.main(_args(idx_dir, workdir, "--resume"))
+    for key in ("step", "test_loss", "test_accuracy"):
+        assert resumed[key] == result[key], key
+    _same_params(workdir, straight_dir, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------
+# Divergence.
+
+
+def test_nan_stops_and_keeps_the_last_good_checkpoint(idx_dir, tmp_path, capsys):
+    workdir = tmp_path / "w"
+    lenet.main(_args(idx_dir, workdir, "--max-steps", STEPS_PER_EPOCH))
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        lenet.main(_args(idx_dir, workdir, "--resume", "--lr", "1e30"))
+    assert exc.value.code == lenet.EXIT_DIVERGED
+    captured = capsys.readouterr()
+    assert re.search(r"error: training diverged: .*step \d+ \(epoch 2", captured.err)
+    assert f"Last good checkpoint: {workdir / 'checkpoints' / str(STEPS_PER_EPOCH)}" in \
+        captured.err
+    assert not captured.out.splitlines()[-1].startswith("final:")
+    ckpt = lenet.load_checkpoint(workdir)
+    assert ckpt["meta"]["step"] == STEPS_PER_EPOCH
+    assert all(np.isfinite(v).all() for _, v in _flatten(ckpt["state"]["params"]))
+    assert [p.name for p in (workdir / "checkpoints").iterdir()] == [str(STEPS_PER_EPOCH)]
+
+
+# ------------------------------------------------------------------------------------------
+# Devices.
+
+
+def test_four_devices_match_one_device(straight, idx_dir, tmp_path):
+    one = lenet.main(_args(idx_dir, tmp_path / "one", "--max-steps", 3))
+    four = lenet.main(_args(idx_dir, tmp_path / "four", "--max-steps", 3, "--devices", 4))
+    _same_metrics(one, four, rtol=1e-5, atol=1e-6)
+    _same_params(tmp_path / "one", tmp_path / "four", rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.xfail(
+    raises=(TypeError, ValueError),
+    strict=False,
+    reason="train.conv.Conv's custom_vjp is not yet shard_map-aware: its kernel cotangent is "
+    "varying over 'batch' while the kernel is not (fix in train/conv.py: pcast the kernel to "
+    "x's varying axes before the custom_vjp); remove this mark once that lands",
+)
+def test_fast_conv_trains_like_flax_conv(straight, idx_dir, tmp_path):
+    pytest.importorskip("train.conv", reason="train/conv.py (the fast Conv) not present")
+    flax_conv = lenet.main(_args(idx_dir, tmp_path / "flax", "--max-steps", 3))
+    fast_conv = lenet.main(_args(idx_dir, tmp_path / "fast", "--max-steps", 3, "--conv", "fast"))
+    _same_metrics(flax_conv, fast_conv, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--devices", 3], "--batch-size 32 must be divisible by --devices 3"),
+        (["--devices", 16], "--devices 16: expected 16 devices, got 8 (cpu). For fake CPU "
+                            "devices, start Python with XLA_FLAGS="),
+        (["--batch-size", 512], "--batch-size 512: expected at most the number of training "
+                                "images, got 256"),
+        (["--epochs", 0], "--epochs: expected a positive integer, got 0"),
+    ],
+)
+def test_bad_options_exit_with_a_message(idx_dir, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as exc:
+        lenet.main(_args(idx_dir, tmp_path, *extra))
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------
+# Pieces.
+
+
+def test_defaults_and_flags():
+    config, workdir = lenet.parse_args([])
+    assert config == lenet.Config() and workdir == "runs/lenet"
+    config, workdir = lenet.parse_args([
+        "--optimizer", "adam", "--schedule", "step", "--norm", "flax", "--bn-position",
+        "after_relu", "--activation", "tanh", "--devices", "2", "--train-subset", "10",
+        "--workdir", "/x", "--weight-decay", "0", "--resume", "--no-progress",
+    ])
+    assert (config.optimizer, config.schedule, config.norm, config.bn_position,
+            config.activation, config.devices, config.train_subset, config.weight_decay,
+            config.resume, config.progress) == (
+        "adam", "step", "flax", "after_relu", "tanh", 2, 10, 0.0, True, False)
+    assert workdir == "/x"
+    with pytest.raises(SystemExit):
+        lenet.parse_args(["--norm", "layer"])
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [
+        ("constant", [0.1, 0.1, 0.1, 0.1]),
+        ("cosine", [0.1, 0.05, 0.0, 0.0]),
+        ("step", [0.1, 0.01, 0.001, 0.001]),
+    ],
+)
+def test_schedules(schedule, expected):
+    s = lenet.make_schedule(lenet.Config(lr=0.1, epochs=2, schedule=schedule), 10)
+    np.testing.assert_allclose([float(s(i)) for i in (0, 10, 20, 30)], expected, atol=1e-7)
+
+
+def test_warmup():
+    s = lenet.make_schedule(
+        lenet.Config(lr=0.1, epochs=3, warmup_epochs=1, schedule="constant"), 10)
+    np.testing.assert_allclose([float(s(i)) for i in (0, 5, 10, 29)], [0, 0.05, 0.1, 0.1],
+                               atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"optimizer": "rmsprop"}, "--optimizer: expected one of sgd, adam, got 'rmsprop'"),
+        ({"lr": 0.0}, "--lr: expected a positive learning rate, got 0.0"),
+        ({"warmup_epochs": 5}, "--warmup-epochs: expected in [0, --epochs=5), got 5"),
+        ({"weight_decay": -1.0}, "--weight-decay: expected >= 0, got -1.0"),
+        ({"bn_momentum": 1.5}, "--bn-momentum: expected in [0, 1], got 1.5"),
+        ({"max_steps": 0}, "--max-steps: expected a positive integer, got 0"),
+    ],
+)
+def test_validate(kwargs, message):
+    with pytest.raises(ValueError) as exc:
+        lenet.validate(lenet.Config(**kwargs))
+    assert message in str(exc.value)
+
+
+def test_weight_decay_only_on_kernels():
+    import jax.numpy as jnp
+    import optax
+
+    params = {"conv1": {"kernel": jnp.ones((2, 2)), "bias": jnp.ones(2)},
+              "bn1": {"scale": jnp.ones(2), "bias": jnp.ones(2)}}
+    zeros = {k: {n: jnp.zeros_like(v) for n, v in d.items()} for k, d in params.items()}
+    for optimizer in ("sgd", "adam"):
+        tx = lenet.make_optimizer(
+            lenet.Config(optimizer=optimizer, weight_decay=0.1, schedule="constant"), 10)
+        updates, _ = tx.update(zeros, tx.init(params), params)
+        params_after = optax.apply_updates(params, updates)
+        assert float(params_after["conv1"]["kernel"][0, 0]) < 1, optimizer
+        for k, n in (("conv1", "bias"), ("bn1", "scale"), ("bn1", "bias")):
+            assert float(params_after[k][n][0]) == 1, (optimizer, k, n)
+
+
+# ------------------------------------------------------------------------------------------
+# Real data.
+
+
+@pytest.mark.skipif(
+    not REAL_DEBIAN_DIR.is_dir(),
+    reason=f"{REAL_DEBIAN_DIR} absent (apt-get install dataset-fashion-mnist)",
+)
+def test_real_fashion_mnist_subset(tmp_path, monkeypatch):
+    """One epoch on 6000 real images: well above chance (0.1) on the full test set."""
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.setattr(data, "DEBIAN_DATASETS_ROOT", str(REAL_DEBIAN_DIR.parent))
+    result = lenet.main([
+        "--workdir", str(tmp_path), "--train-subset", "6000", "--epochs", "1", "--no-progress",
+        "--lr", "0.1",
+    ])
+    assert result["test_accuracy"] > 0.6
