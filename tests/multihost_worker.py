@@ -15,6 +15,11 @@ environment variables (both are what :func:`train.distributed.initialize` reads)
 * ``init``: joins the run, prints the sum over all devices of one all-reduce, and exits
   (for auto-detection, an unreachable coordinator, a missing peer).
 
+And ``python tests/multihost_worker.py lenet --writes FILE [ARGS ...]`` runs
+``python -m train.lenet ARGS`` (as ``runpy`` runs ``-m``, flags and all), appending to
+``FILE`` the path of every file the process opens for writing (a Python audit hook), one per
+line as it happens, so that the test can tell which process wrote what, even of a killed one.
+
 Importing this module has no side effect (pytest imports it for doctests).
 """
 
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import runpy
 import sys
 import time
 from pathlib import Path
@@ -135,7 +141,37 @@ def _keep_reducing(step, seconds: float) -> None:
     print("no failure detected: every collective completed", flush=True)
 
 
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+
+
+def run_lenet(argv: list[str]) -> int:
+    """``--writes FILE ARGS...``: ``python -m train.lenet ARGS``, logging opens for writing."""
+    if len(argv) < 2 or argv[0] != "--writes":
+        raise SystemExit("usage: multihost_worker.py lenet --writes FILE [train.lenet flags]")
+    log = open(argv[1], "a", buffering=1)  # noqa: SIM115 - open until the process ends
+
+    def hook(event: str, args: tuple) -> None:
+        if event != "open" or not isinstance(args[0], str | bytes | os.PathLike):
+            return
+        mode, flags = args[1], args[2]
+        writing = (isinstance(flags, int) and flags & _WRITE_FLAGS) or (
+            isinstance(mode, str) and any(c in mode for c in "wax+"))
+        if writing:
+            log.write(os.fsdecode(args[0]) + "\n")
+
+    sys.addaudithook(hook)
+    sys.argv = ["python -m train.lenet", *argv[2:]]
+    try:
+        runpy.run_module("train.lenet", run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["lenet"]:
+        return run_lenet(argv[1:])
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("mode", choices=("bn", "die", "loop", "init"))
     ap.add_argument("--out", type=Path, required=True)

@@ -179,15 +179,60 @@ def test_resume_refuses_a_different_model(straight, idx_dir, tmp_path, capsys):
     assert "made with norm='jaxbn', got norm='none'" in capsys.readouterr().err
 
 
-def test_fresh_run_replaces_old_checkpoints(idx_dir, tmp_path, capsys):
+def test_fresh_run_archives_the_previous_run(idx_dir, tmp_path, capsys):
+    """No --resume: the previous run's outputs move to previous/<time>/, none is deleted."""
     workdir = tmp_path / "w"
-    lenet.main(_args(idx_dir, workdir, "--max-steps", STEPS_PER_EPOCH + 2))
-    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == \
-        [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 2]
+    first = lenet.main(_args(idx_dir, workdir, "--max-steps", STEPS_PER_EPOCH + 2))
+    assert _steps(workdir / "checkpoints") == [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 2]
+    first_metrics = (workdir / "metrics.jsonl").read_text()
+    capsys.readouterr()
     lenet.main(_args(idx_dir, workdir, "--max-steps", 3))
-    assert "starting from scratch: removing checkpoints" in capsys.readouterr().out
-    assert [p.name for p in (workdir / "checkpoints").iterdir()] == ["3"]
+    out = capsys.readouterr().out
+    match = re.search(r"^starting from scratch: moved the previous run's checkpoints "
+                      r"\[(\d+), (\d+)\], metrics.jsonl, curves.png to (\S+) \(pass --resume",
+                      out, re.MULTILINE)
+    assert match, out
+    archive = Path(match[3])
+    assert archive.parent == workdir / lenet.PREVIOUS
+    assert re.fullmatch(r"\d{8}-\d{6}", archive.name), archive.name
+    # The new run's outputs are its own ...
+    assert _steps(workdir / "checkpoints") == [3]
     assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 1
+    # ... and the old ones are intact, loadable where they went.
+    assert _steps(archive / "checkpoints") == [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 2]
+    assert (archive / "metrics.jsonl").read_text() == first_metrics
+    assert (archive / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    old = lenet.load_checkpoint(archive)
+    assert old["meta"]["step"] == STEPS_PER_EPOCH + 2
+    assert old["meta"]["metrics"]["test_loss"] == first["test_loss"]
+    # Twice in the same second (`make run` twice): a second archive, not a clash.
+    lenet.main(_args(idx_dir, workdir, "--max-steps", 2))
+    lenet.main(_args(idx_dir, workdir, "--max-steps", 1))
+    archives = sorted((workdir / lenet.PREVIOUS).iterdir())
+    assert len(archives) == 3 and len({a.name for a in archives}) == 3
+    assert sorted(s for a in archives for s in _steps(a / "checkpoints")) == [
+        2, 3, STEPS_PER_EPOCH, STEPS_PER_EPOCH + 2]
+    # --resume leaves the checkpoint it resumes from where it is.
+    capsys.readouterr()
+    lenet.main(_args(idx_dir, workdir, "--max-steps", 2, "--resume"))
+    assert "moved" not in capsys.readouterr().out
+    assert len(list((workdir / lenet.PREVIOUS).iterdir())) == 3
+    assert _steps(workdir / "checkpoints") == [1, 2]
+
+
+def test_archive_previous_run_moves_only_what_exists(tmp_path):
+    assert lenet.archive_previous_run(tmp_path / "none") is None
+    (tmp_path / "checkpoints").mkdir()
+    assert lenet.archive_previous_run(tmp_path) is None  # an empty checkpoints/ stays
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    # --resume without a checkpoint starts from scratch: its stale metrics move too.
+    moved = lenet.archive_previous_run(tmp_path, resume=True)
+    assert moved is not None and [p.name for p in moved.iterdir()] == ["metrics.jsonl"]
+    assert (tmp_path / "checkpoints").is_dir() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def _steps(directory):
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
 
 
 def test_ctrl_c_keeps_a_loadable_checkpoint(straight, idx_dir, tmp_path, monkeypatch, capsys):
@@ -308,6 +353,41 @@ def test_defaults_and_flags():
     assert workdir == "/x"
     with pytest.raises(SystemExit):
         lenet.parse_args(["--norm", "layer"])
+
+
+def test_multi_process_flags_are_not_config():
+    argv = ["--coordinator", "10.0.0.1:1234", "--num-processes", "2", "--process-id", "1",
+            "--devices", "8"]
+    config, workdir = lenet.parse_args(argv)
+    assert config == lenet.Config(devices=8) and workdir == "runs/lenet"
+    assert lenet._parse(argv)[2] == {
+        "coordinator": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}
+
+
+def test_bad_multi_process_settings_exit_with_a_message(idx_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        lenet.main(_args(idx_dir, tmp_path, "--coordinator", "127.0.0.1:1", "--num-processes",
+                         2, "--process-id", 2))
+    assert exc.value.code == 2
+    assert "error: process_id must be in [0, 1] for 2 processes, got 2" in capsys.readouterr().err
+
+
+def test_devices_must_divide_over_the_processes(monkeypatch):
+    from train import distributed
+
+    monkeypatch.setattr(distributed, "planned_process_count", lambda: 2)
+    with pytest.raises(lenet.ConfigError, match="--devices 3 must be divisible by the number "
+                                                 r"of processes \(2\)"):
+        lenet.ensure_devices(3)
+
+
+def test_eval_batch_size_is_rounded_up_to_the_devices(idx_dir, tmp_path):
+    _, _, eval_batch_size = lenet._load(
+        lenet.Config(data_dir=str(idx_dir), batch_size=BATCH, eval_batch_size=30), 4)
+    assert eval_batch_size == 32
+    _, _, eval_batch_size = lenet._load(
+        lenet.Config(data_dir=str(idx_dir), batch_size=BATCH, eval_batch_size=1000), 8)
+    assert eval_batch_size == N_TEST  # 72: the whole test set, a multiple of 8
 
 
 @pytest.mark.parametrize(

@@ -4,24 +4,35 @@ Each test starts ``tests/multihost_worker.py`` processes with a clean environmen
 CPU devices each, not the eight of this process) and a wall-clock limit, so a hang fails the
 test instead of blocking CI. The reference results come from this process's first four
 fake devices, running the same code (:func:`tests.multihost_worker.compute`).
+
+The training tests run ``python -m train.lenet`` itself as two processes (through the
+worker's ``lenet`` mode, which only adds a log of the files each process opens for writing)
+and compare with the same run on this process's first four devices; one of them kills a
+training process and resumes the run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
 import pytest
 
 from tests import multihost_worker as worker
-from train import distributed
+from train import data, distributed, lenet
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(worker.__file__).resolve()
@@ -310,3 +321,202 @@ def test_missing_peer_fails_the_coordinator_within_bound(tmp_path):
     assert rc not in (0, None), log
     assert "DEADLINE_EXCEEDED" in log or FATAL in log, log
     assert t - start < BOUND_S
+
+
+# --------------------------------------------------------------------------------------------
+# python -m train.lenet on two processes: same metrics as one process, a killed process, resume.
+
+N_TRAIN, N_TEST, BATCH, EVAL_BATCH = 128, 36, 16, 16
+STEPS_PER_EPOCH = N_TRAIN // BATCH
+#: Two epochs; checkpoints at 8 and 16. --epochs (the schedule's length) is larger, so that
+#: the run killed mid-way is still training when it is killed.
+STEPS = 2 * STEPS_PER_EPOCH
+METRICS = ("step", "epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
+#: Wall-clock limit of one training process (a hang guard: a healthy run takes ~10 s idle).
+TRAIN_LIMIT_S = 180.0
+FINAL = re.compile(r"^final: (epochs=\S+ steps=\d+ test_accuracy=\S+ test_loss=\S+ "
+                   r"train_accuracy=\S+) seconds=", re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def idx_dir(tmp_path_factory):
+    """Tiny learnable IDX data; 36 test images: the last evaluation batch of 16 has 4 real
+    rows, so process 1's half of it is all padding."""
+    rng = np.random.default_rng(0)
+
+    def synthetic(n):
+        labels = rng.integers(0, 10, n)
+        images = rng.integers(0, 80, (n, 28, 28)).astype(np.uint8)
+        for i, c in enumerate(labels):
+            images[i, 2 * c : 2 * c + 6, 4:24] = 220
+        return images, labels
+
+    return data.write_idx_dataset(tmp_path_factory.mktemp("idx"), *synthetic(N_TRAIN),
+                                  *synthetic(N_TEST))
+
+
+def _lenet_args(idx_dir: Path, workdir: Path, *extra: Any) -> list[str]:
+    return ["--data-dir", str(idx_dir), "--workdir", str(workdir), "--batch-size", str(BATCH),
+            "--eval-batch-size", str(EVAL_BATCH), "--epochs", "20", "--devices", "4",
+            "--no-progress", *map(str, extra)]
+
+
+def _lenet_env(**extra: str) -> dict[str, str]:
+    """No XLA_FLAGS: train.lenet itself gives each process --devices / 2 CPU devices."""
+    env = _env(**extra)
+    del env["XLA_FLAGS"]
+    return env
+
+
+def _start_lenet(out: Path, args: list[str], **env: str) -> list[subprocess.Popen]:
+    """``python -m train.lenet ARGS`` as processes 0 and 1 (logs p<i>.log, p<i>.writes).
+
+    The runtime's defaults (30 s to join, 15 s heartbeat timeout) unless ``env`` overrides.
+    """
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        with open(out / f"p{i}.log", "w") as log:
+            procs.append(subprocess.Popen(
+                [sys.executable, str(WORKER), "lenet", "--writes", str(out / f"p{i}.writes"),
+                 *args, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
+                 "--process-id", str(i)],
+                env=_lenet_env(**env), cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+            ))
+    return procs
+
+
+def _finals(out: Path) -> list[str]:
+    """Each process's ``final:`` line, less its wall time."""
+    finals = []
+    for i in range(2):
+        match = FINAL.search(_log(out, f"p{i}"))
+        assert match, _log(out, f"p{i}")
+        finals.append(match[1])
+    return finals
+
+
+def _rows(workdir: Path) -> list[dict[str, Any]]:
+    return [json.loads(r) for r in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _steps(directory: Path) -> list[int]:
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
+    out = {}
+    for k, v in tree.items():
+        out.update(_flat(v, f"{prefix}{k}/") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_process_training(idx_dir, tmp_path_factory):
+    """Two processes x two CPU devices, then the same run in this process on four devices."""
+    out = tmp_path_factory.mktemp("train")
+    workdir = out / "w"
+    procs = _start_lenet(out, _lenet_args(idx_dir, workdir, "--max-steps", STEPS))
+    reference_dir = out / "reference"
+    with contextlib.redirect_stdout(io.StringIO()):
+        reference = lenet.main(_lenet_args(idx_dir, reference_dir, "--max-steps", STEPS))
+    for i, p in enumerate(procs):
+        rc, _ = _finish(p, TRAIN_LIMIT_S)
+        assert rc == 0, f"process {i} exited with {rc}:\n{_log(out, f'p{i}')}"
+    return reference, reference_dir, out, workdir
+
+
+def test_two_process_training_matches_one_process(two_process_training):
+    reference, reference_dir, out, workdir = two_process_training
+    got = _rows(workdir)[-1]
+    assert got["step"] == STEPS and got["epoch"] == 2
+    for key in METRICS:
+        np.testing.assert_allclose(got[key], reference[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    # Every process ends with the same metrics; process 0's line says what metrics.jsonl says.
+    finals = _finals(out)
+    assert finals[0] == finals[1], finals
+    assert f"test_accuracy={got['test_accuracy']:.4f} test_loss={got['test_loss']:.4f}" in \
+        finals[0]
+    # The state: BN statistics of the global batches, parameters, step.
+    a, b = lenet.load_checkpoint(workdir), lenet.load_checkpoint(reference_dir)
+    assert int(a["state"]["step"]) == STEPS and a["meta"]["config"]["devices"] == 4
+    for part in ("params", "batch_stats"):
+        flat_a, flat_b = _flat(a["state"][part]), _flat(b["state"][part])
+        assert flat_a.keys() == flat_b.keys()
+        for k in flat_a:
+            np.testing.assert_allclose(flat_a[k], flat_b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_only_process_0_prints_and_writes_metrics(two_process_training):
+    _, _, out, workdir = two_process_training
+    assert _steps(workdir / "checkpoints") == [STEPS_PER_EPOCH, STEPS]
+    assert [r["step"] for r in _rows(workdir)] == [STEPS_PER_EPOCH, STEPS]
+    assert "in 2 processes (2 each)" in _log(out, "p0")
+    for i in range(2):
+        outputs = {Path(p).name for p in (out / f"p{i}.writes").read_text().splitlines()
+                   if Path(p).parent == workdir}
+        assert outputs == ({"metrics.jsonl", "curves.png"} if i == 0 else set()), (i, outputs)
+        printed = [line for line in _log(out, f"p{i}").splitlines()
+                   if line.startswith(("data:", "epoch ", "checkpoint:", "metrics:", "plot:"))]
+        assert len(printed) == (6 if i == 0 else 0), printed
+
+
+def test_one_process_resumes_a_two_process_checkpoint(idx_dir, two_process_training, tmp_path):
+    """The checkpoint does not depend on the processes: one process with the same four
+    devices continues the two-process run's epoch-1 checkpoint to the same end."""
+    reference, _, _, workdir = two_process_training
+    copy = tmp_path / "w"
+    shutil.copytree(workdir, copy)
+    shutil.rmtree(copy / "checkpoints" / str(STEPS))
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        resumed = lenet.main(_lenet_args(idx_dir, copy, "--max-steps", STEPS, "--resume"))
+    assert f"resumed from {copy / 'checkpoints' / str(STEPS_PER_EPOCH)}" in out.getvalue()
+    for key in METRICS:
+        np.testing.assert_allclose(resumed[key], reference[key], rtol=1e-5, atol=1e-6,
+                                   err_msg=key)
+
+
+def test_killed_training_process_fails_the_other_then_resume_works(
+    idx_dir, two_process_training, tmp_path
+):
+    """SIGKILL process 1 mid-run; process 0 must fail, fast and clearly; --resume continues."""
+    _, _, _, straight = two_process_training
+    workdir = tmp_path / "w"
+    killed_dir = tmp_path / "killed"
+    killed_dir.mkdir()
+    # 160 steps if left alone; a dead peer is detected after HEARTBEAT_S.
+    procs = _start_lenet(killed_dir, _lenet_args(idx_dir, workdir),
+                         JAXBN_HEARTBEAT_TIMEOUT_S=str(HEARTBEAT_S))
+    _wait_for(workdir / "checkpoints" / str(STEPS_PER_EPOCH), procs, TRAIN_LIMIT_S)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    _finish(procs[1])
+    rc, t = _finish(procs[0])
+    detected = t - killed
+    print(f"training process 1 killed; process 0 failed {detected:.1f} s later")
+    log = _log(killed_dir, "p0")
+    assert rc not in (0, None), log
+    assert FATAL in log, log
+    assert detected < BOUND_S
+    assert "final:" not in log
+    latest = max(_steps(workdir / "checkpoints"))
+    assert latest >= STEPS_PER_EPOCH and latest % STEPS_PER_EPOCH == 0
+
+    # Both processes again, with --resume: they continue from the last checkpoint and end
+    # where the uninterrupted run ended.
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    procs = _start_lenet(resumed_dir, _lenet_args(idx_dir, workdir, "--max-steps", STEPS,
+                                                  "--resume"))
+    for i, p in enumerate(procs):
+        rc, _ = _finish(p, TRAIN_LIMIT_S)
+        assert rc == 0, f"process {i} exited with {rc}:\n{_log(resumed_dir, f'p{i}')}"
+    log = _log(resumed_dir, "p0")
+    assert f"resumed from {workdir / 'checkpoints' / str(latest)}" in log, log
+    assert "resumed from" not in _log(resumed_dir, "p1")
+    rows, expected = _rows(workdir), _rows(straight)
+    assert [r["step"] for r in rows] == [STEPS_PER_EPOCH, STEPS]
+    for key in METRICS:
+        np.testing.assert_allclose(rows[-1][key], expected[-1][key], rtol=1e-6, err_msg=key)
+    finals = _finals(resumed_dir)
+    assert finals[0] == finals[1] == _finals(two_process_training[2])[0]

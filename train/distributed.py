@@ -59,6 +59,7 @@ __all__ = [
     "initialize",
     "is_main_process",
     "make_global_batch",
+    "planned_process_count",
     "process_batch_slice",
     "shutdown",
 ]
@@ -344,6 +345,32 @@ def shutdown() -> None:
     """
     if jax.distributed.is_initialized():
         jax.distributed.shutdown()
+
+
+def planned_process_count() -> int:
+    """The number of processes of this run, known without starting JAX's backends.
+
+    After :func:`initialize` joined a multi-process run it is that run's ``num_processes``
+    (auto-detected ones included), which :func:`jax.process_count` would only report after
+    starting the backends, too late to choose the number of fake CPU devices per process.
+
+    Returns:
+      ``num_processes`` of the joined run; else :func:`jax.process_count` if the backends
+      have started; else 1.
+
+    >>> planned_process_count()
+    1
+    """
+    if jax.distributed.is_initialized():
+        try:
+            from jax._src.distributed import global_state
+
+            return int(global_state.num_processes)
+        except (ImportError, AttributeError, TypeError):  # pragma: no cover - JAX internals
+            pass
+    if _backends_initialized():
+        return jax.process_count()
+    return 1
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,11 +13,26 @@ rounding): the loss is the mean over all N shards and its gradient is taken thro
 ``XLA_FLAGS=--xla_force_host_platform_device_count=N``; :func:`main` sets it up by itself when
 JAX has not started yet.
 
+Many processes (hosts): with ``--coordinator``, ``--num-processes`` and ``--process-id`` (or
+the ``JAXBN_*`` environment variables, or a cluster that :func:`jax.distributed.initialize`
+detects: SLURM, Cloud TPU, ...) every process runs this same program and joins JAX's
+multi-process runtime (:mod:`train.distributed`). ``--devices`` and ``--batch-size`` stay
+global: the mesh takes ``devices / num_processes`` devices from each process (on CPU,
+:func:`main` creates that many fake devices per process), each process feeds only its rows of
+every global batch and of every evaluation batch, and BN's statistics, the loss and the test
+metrics are reduced over all devices of all processes, so the run computes what one process
+with the same ``--devices`` computes. Every process takes part in each checkpoint's save and
+restore (Orbax, primary host 0; ``--workdir`` must be one directory that all of them see);
+only process 0 prints the progress, writes ``metrics.jsonl`` and plots. Every process prints
+the ``final:`` line, with the same metrics.
+
 Every epoch: a progress bar with the running loss, one summary line, a JSON line in
 ``<workdir>/metrics.jsonl``, the curves in ``<workdir>/curves.png``, and an Orbax checkpoint in
 ``<workdir>/checkpoints/<step>`` (state, RNG, epoch, config, metrics; the last three kept).
 Data order is a pure function of ``(seed, epoch)`` and training has no other randomness, so
-``--resume`` ends with the same metrics as an uninterrupted run. A non-finite loss stops the
+``--resume`` ends with the same metrics as an uninterrupted run. A fresh run (no ``--resume``)
+in a workdir that holds a previous run's outputs moves them into
+``<workdir>/previous/<timestamp>/`` first: nothing is deleted. A non-finite loss stops the
 run (exit status 1) without saving; Ctrl-C waits for a pending save (exit status 130). The last
 line printed is a summary such as::
 
@@ -50,7 +65,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from train import data
+from train import data, distributed
 from train.model import ACTIVATIONS, BN_POSITIONS, CONVS, NORMS, LeNet
 
 __all__ = [
@@ -108,10 +123,12 @@ class Config:
         bn_momentum: BN running-average decay, flax convention (PyTorch's 0.1 is 0.9).
         conv: Convolution implementation, ``'flax'`` or ``'fast'``.
         seed: Seed of the initialization and of the data order.
-        devices: Number of devices for data parallelism.
+        devices: Number of devices for data parallelism, over all processes of a
+            multi-process run (``devices / num_processes`` from each).
         resume: Continue from the latest checkpoint in the workdir.
         max_steps: Stop after this many training steps in total (for tests), or ``None``.
-        eval_batch_size: Evaluation batch size (the last batch is padded).
+        eval_batch_size: Evaluation batch size, rounded up to a multiple of ``devices``
+            (the last batch is padded).
         train_subset: Use only the first N training images, or ``None`` for all.
         test_subset: Use only the first N test images, or ``None`` for all.
         progress: Show a progress bar.
@@ -231,23 +248,38 @@ def _backends_initialized() -> bool:
 def ensure_devices(n: int) -> list[jax.Device]:
     """Returns ``n`` devices, creating fake CPU devices if JAX has not started yet.
 
+    In a multi-process run (:func:`train.distributed.initialize` called first), ``n`` counts
+    the devices of all processes: each process contributes ``n / num_processes`` of its own,
+    and that is also how many fake CPU devices each process creates.
+
     Args:
-        n: Number of devices wanted.
+        n: Number of devices wanted, over all processes.
 
     Returns:
-        The first ``n`` of ``jax.devices()``.
+        One process: the first ``n`` of ``jax.devices()``. Several: the first
+        ``n / num_processes`` devices of each process, ordered by process (so each
+        process's rows of a batch sharded over them are contiguous).
 
     Raises:
-        ConfigError: Fewer than ``n`` devices exist (and it is too late to create fake ones);
-            the message says how to get them.
+        ConfigError: Fewer than ``n`` devices exist (and it is too late to create fake ones),
+            or ``n`` does not divide over the processes; the message says how to fix it.
     """
+    processes = distributed.planned_process_count()
+    if n % processes:
+        raise ConfigError(
+            f"--devices {n} must be divisible by the number of processes ({processes}): each "
+            f"process contributes --devices / {processes} of its devices"
+        )
+    local = n // processes
     if (
-        n > 1
+        local > 1
         and not _backends_initialized()
         and _FAKE_DEVICES_FLAG not in os.environ.get("XLA_FLAGS", "")
-        and jax.config.jax_num_cpu_devices < n
+        and jax.config.jax_num_cpu_devices < local
     ):
-        jax.config.update("jax_num_cpu_devices", n)
+        jax.config.update("jax_num_cpu_devices", local)
+    if jax.process_count() > 1:
+        return _devices_per_process(n)
     available = jax.devices()
     if len(available) < n:
         raise ConfigError(
@@ -258,6 +290,37 @@ def ensure_devices(n: int) -> list[jax.Device]:
             "python -m train.lenet does this itself when JAX has not started yet."
         )
     return available[:n]
+
+
+def _devices_per_process(n: int) -> list[jax.Device]:
+    """The first ``n / process_count`` devices of every process, ordered by process."""
+    processes = jax.process_count()
+    local = n // processes
+    by_process: dict[int, list[jax.Device]] = {}
+    for device in sorted(jax.devices(), key=lambda d: (d.process_index, d.id)):
+        by_process.setdefault(device.process_index, []).append(device)
+    short = {p: len(ds) for p, ds in by_process.items() if len(ds) < local}
+    if short or len(by_process) != processes:
+        platform = jax.local_devices()[0].platform
+        raise ConfigError(
+            f"--devices {n} over {processes} processes: expected {local} devices in every "
+            f"process, got {', '.join(f'{len(ds)} in process {p}' for p, ds in by_process.items())}"
+            f" ({platform}). Pass --devices {processes} * (devices per process); on CPU "
+            f"python -m train.lenet creates {local} fake devices per process itself unless "
+            f"XLA_FLAGS sets {_FAKE_DEVICES_FLAG}."
+        )
+    return [d for p in sorted(by_process) for d in by_process[p][:local]]
+
+
+def _is_main() -> bool:
+    """True on process 0 (the only one that prints, writes metrics and plots)."""
+    return jax.process_index() == 0
+
+
+def _say(*args: Any, **kwargs: Any) -> None:
+    """``print`` on process 0 only; the other processes of a multi-process run are quiet."""
+    if _is_main():
+        print(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,6 +401,13 @@ def make_model(config: Config, num_classes: int) -> LeNet:
     )
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_init(model: LeNet) -> Callable[..., Any]:
+    """``model.init`` jitted: one compilation rather than one per operation (seconds on CPU),
+    made once per model (modules are hashable), so repeated runs in one process reuse it."""
+    return jax.jit(functools.partial(model.init, train=False))
+
+
 def create_train_state(
     model: LeNet, tx: optax.GradientTransformation, key: jax.Array, image_shape: Sequence[int]
 ) -> TrainState:
@@ -352,7 +422,7 @@ def create_train_state(
     Returns:
         The initial :class:`TrainState` (step 0).
     """
-    variables = model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    variables = _jitted_init(model)(key, jnp.zeros((1, *image_shape), jnp.float32))
     state = TrainState.create(
         apply_fn=model.apply,
         params=variables["params"],
@@ -468,8 +538,72 @@ def make_eval_step(
 
 
 def _checkpoint_manager(directory: Path) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=CHECKPOINTS_TO_KEEP, create=True)
+    """Every process of a multi-process run creates one, and calls save and restore on it.
+
+    The saved state is a tree of host (numpy) arrays, identical on every process: Orbax
+    writes them, and the directories and metadata, from the primary host (process 0) only,
+    and synchronizes the processes at the start and the end of each save; every process
+    reads them back on restore.
+    """
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=CHECKPOINTS_TO_KEEP,
+        create=True,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=0),
+    )
     return ocp.CheckpointManager(directory.absolute(), options=options)
+
+
+#: A run's outputs in its workdir; a fresh run moves a previous run's into ``previous/``.
+_OUTPUTS = ("checkpoints", "metrics.jsonl", "curves.png")
+PREVIOUS = "previous"
+
+
+def _checkpoint_steps(directory: Path) -> list[int]:
+    """The finalized checkpoints' steps (Orbax renames ``<step>.orbax-checkpoint-tmp-*``)."""
+    if not directory.is_dir():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit())
+
+
+def archive_previous_run(workdir: str | os.PathLike[str], resume: bool = False) -> Path | None:
+    """Moves a previous run's checkpoints, metrics and plot into ``workdir/previous/<time>/``.
+
+    A fresh run calls this before it starts, instead of deleting anything: with ``resume``
+    and a checkpoint to resume from there is nothing to do; otherwise whatever of
+    ``checkpoints/``, ``metrics.jsonl`` and ``curves.png`` exists (an empty ``checkpoints/``
+    aside) moves, by renames within the workdir, to ``previous/<YYYYmmdd-HHMMSS>/`` (with a
+    ``-1``, ``-2``, ... suffix if that exists). In a multi-process run only process 0 calls it.
+
+    Args:
+        workdir: The run's ``--workdir``.
+        resume: Whether the run resumes (then a checkpoint stays where it is).
+
+    Returns:
+        The directory the outputs went to, or ``None`` if nothing was moved.
+    """
+    workdir = Path(workdir)
+    checkpoints = workdir / "checkpoints"
+    if resume and _checkpoint_steps(checkpoints):
+        return None
+    found = [
+        workdir / name
+        for name in _OUTPUTS
+        if (workdir / name).exists()
+        and not ((workdir / name).is_dir() and not any((workdir / name).iterdir()))
+    ]
+    if not found:
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    dest = workdir / PREVIOUS / stamp
+    for i in range(1, 1000):
+        try:
+            dest.mkdir(parents=True)
+            break
+        except FileExistsError:
+            dest = workdir / PREVIOUS / f"{stamp}-{i}"
+    for path in found:
+        path.rename(dest / path.name)
+    return dest
 
 
 def _host_tree(state: TrainState, rng: jax.Array) -> dict[str, Any]:
@@ -558,7 +692,7 @@ def _check_resumable(saved: dict[str, Any], config: Config, checkpoint: Path) ->
         for k, v in dataclasses.asdict(config).items()
         if k in saved and k not in ignored and saved[k] != v
     ]
-    if changed:
+    if changed and _is_main():
         print(f"warning: resuming with changed settings ({'; '.join(changed)}); the result "
               "will differ from an uninterrupted run", file=sys.stderr)
 
@@ -623,6 +757,11 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean loss and accuracy over every example, in fixed-size (padded, masked) batches.
 
+    In a multi-process run every process passes the whole test set (and the same
+    ``state``, replicated over ``sharding``'s mesh) and feeds its rows of each batch; the
+    sums are over every device of every process, so each process gets the metrics of all
+    ``M`` examples, each counted once.
+
     Args:
         eval_step: From :func:`make_eval_step`.
         state: The state to evaluate.
@@ -643,7 +782,11 @@ def evaluate(
             _pad(labels[start:stop], batch_size),
             np.arange(start, start + batch_size) < stop,
         )
-        batch = jax.device_put(batch, sharding)
+        if sharding.is_fully_addressable:
+            batch = jax.device_put(batch, sharding)
+        else:  # Several processes: each feeds only its rows of the global batch.
+            rows = distributed.process_batch_slice(batch_size, sharding.mesh, axis_name=AXIS)
+            batch = _global_batch([a[rows] for a in batch], sharding, batch_size)
         out = eval_step(state.params, state.batch_stats, *batch)
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
@@ -651,10 +794,36 @@ def evaluate(
     return {"loss": float(totals["loss"]) / count, "accuracy": int(totals["correct"]) / count}
 
 
+def _global_batch(
+    local: Sequence[np.ndarray], sharding: NamedSharding, global_rows: int
+) -> tuple[jax.Array, ...]:
+    """This process's rows of a global batch, assembled into global arrays (no data moves)."""
+    return tuple(
+        jax.make_array_from_process_local_data(sharding, a, (global_rows, *a.shape[1:]))
+        for a in local
+    )
+
+
+def _replicate(tree: Any, sharding: NamedSharding) -> Any:
+    """Puts a tree that every process holds identically on every device of ``sharding``."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def put(x: Any) -> jax.Array:
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
+
+
+@jax.jit
+def _all_finite(leaves: list[jax.Array]) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
 def _is_finite(tree: Any) -> bool:
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
-    return bool(jnp.all(jnp.stack(leaves))) if leaves else True
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+    return bool(_all_finite(leaves)) if leaves else True
 
 
 @dataclasses.dataclass
@@ -676,6 +845,8 @@ class _Run:
     manager: ocp.CheckpointManager
     workdir: Path
     on_step: StepCallback | None
+    #: This process's shard of every global training batch: ``(index, count)``.
+    shard: tuple[int, int] = (0, 1)
 
 
 def _subset(array: np.ndarray, n: int | None) -> np.ndarray:
@@ -699,12 +870,8 @@ def _load(config: Config, devices: int) -> tuple[data.Dataset, tuple[np.ndarray,
             f"--batch-size {config.batch_size}: expected at most the number of training "
             f"images, got {len(arrays[0])} images from {ds.source}"
         )
-    if config.eval_batch_size % devices:
-        raise ConfigError(
-            f"--eval-batch-size {config.eval_batch_size} must be divisible by --devices "
-            f"{devices}"
-        )
-    eval_batch_size = min(config.eval_batch_size, _round_up(len(arrays[2]), devices))
+    # A multiple of the devices (each gets equal rows), and no larger than the test set needs.
+    eval_batch_size = _round_up(min(config.eval_batch_size, len(arrays[2])), devices)
     return ds, arrays, eval_batch_size
 
 
@@ -751,8 +918,10 @@ def _train_epoch(
     stop = run.steps_per_epoch
     if config.max_steps is not None:
         stop = min(stop, start + config.max_steps - step)
+    shard_index, num_shards = run.shard
     batches: Iterator[tuple[np.ndarray, np.ndarray]] = data.batches(
-        run.train_images, run.train_labels, config.batch_size, seed=config.seed, epoch=epoch
+        run.train_images, run.train_labels, config.batch_size, seed=config.seed, epoch=epoch,
+        shard_index=shard_index, num_shards=num_shards,
     )
     totals = {"loss": 0.0, "correct": 0, "steps": 0}
     pending: list[tuple[int, dict[str, jax.Array]]] = []
@@ -760,7 +929,7 @@ def _train_epoch(
         total=run.steps_per_epoch,
         initial=start,
         desc=f"epoch {epoch + 1}/{config.epochs}",
-        disable=not config.progress,
+        disable=not (config.progress and _is_main()),
         leave=False,
         dynamic_ncols=True,
     )
@@ -771,9 +940,11 @@ def _train_epoch(
                 continue  # Resuming mid-epoch: same order, skip what was done.
             if i >= stop:
                 break
-            state, metrics = run.train_step(
-                state, *jax.device_put((images, labels), run.batch_sharding)
-            )
+            if num_shards == 1:
+                batch = jax.device_put((images, labels), run.batch_sharding)
+            else:
+                batch = _global_batch((images, labels), run.batch_sharding, config.batch_size)
+            state, metrics = run.train_step(state, *batch)
             step += 1
             pending.append((step, metrics))
             if run.on_step is not None:
@@ -848,12 +1019,38 @@ def _prepare(config: Config, workdir: Path, on_step: StepCallback | None) -> tup
     model, tx, train_step, eval_step, mesh = _build(
         _compile_key(config), steps_per_epoch, ds.num_classes, tuple(devices), mean, std
     )
+    processes = jax.process_count()
+    # This process's rows of every global batch: block `index` of `processes` equal blocks.
+    rows = distributed.process_batch_slice(config.batch_size, mesh, axis_name=AXIS)
+    per_process = config.batch_size // processes
+    if rows.stop - rows.start != per_process or rows.start % per_process:
+        raise ConfigError(  # pragma: no cover - ensure_devices takes equal blocks per process
+            f"--devices {config.devices}: this process's rows {rows} of each batch are not one "
+            f"of {processes} equal blocks"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
-    print(
+    if _is_main():
+        moved = archive_previous_run(workdir, config.resume)
+        if moved is not None:
+            steps = _checkpoint_steps(moved / "checkpoints")
+            what = ", ".join(
+                f"checkpoints {steps}" if name == "checkpoints" else name
+                for name in _OUTPUTS if (moved / name).exists()
+            )
+            print(f"starting from scratch: moved the previous run's {what} to {moved} "
+                  "(pass --resume to continue a run instead)", flush=True)
+    if processes > 1:  # The others wait until process 0 has moved the old outputs away.
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("train.lenet: previous run archived")
+    where = f"{len(devices)} {devices[0].platform} device(s)"
+    if processes > 1:
+        where += f" in {processes} processes ({len(devices) // processes} each)"
+    _say(
         f"data: {ds.name} from {ds.source}: {len(train_x)} train / {len(test_x)} test images; "
-        f"{steps_per_epoch} steps of {config.batch_size} per epoch on {len(devices)} "
-        f"{devices[0].platform} device(s); norm={config.norm} optimizer={config.optimizer} "
-        f"lr={config.lr} schedule={config.schedule}",
+        f"{steps_per_epoch} steps of {config.batch_size} per epoch on {where}; "
+        f"norm={config.norm} optimizer={config.optimizer} lr={config.lr} "
+        f"schedule={config.schedule}",
         flush=True,
     )
     run = _Run(
@@ -872,6 +1069,7 @@ def _prepare(config: Config, workdir: Path, on_step: StepCallback | None) -> tup
         manager=_checkpoint_manager(workdir / "checkpoints"),
         workdir=workdir,
         on_step=on_step,
+        shard=(rows.start // per_process, processes),
     )
     return run, (model, tx)
 
@@ -879,7 +1077,7 @@ def _prepare(config: Config, workdir: Path, on_step: StepCallback | None) -> tup
 def _start(
     run: _Run, model: LeNet, tx: optax.GradientTransformation
 ) -> tuple[TrainState, jax.Array, dict[str, Any] | None, list[dict[str, Any]]]:
-    """A fresh state, or the latest checkpoint's with ``--resume``; old outputs handled."""
+    """A fresh state, or the latest checkpoint's with ``--resume``."""
     config, manager = run.config, run.manager
     init_key, rng = jax.random.split(jax.random.key(config.seed))
     state = create_train_state(model, tx, init_key, run.ds.image_shape)
@@ -896,20 +1094,15 @@ def _start(
                 "--train-subset changed); pass the same values"
             )
         state, rng, meta = _restore(manager, latest, state, rng)
-        print(f"resumed from {checkpoint} (epoch {meta['epoch']:g}, step {latest})")
+        _say(f"resumed from {checkpoint} (epoch {meta['epoch']:g}, step {latest})")
         rows = _read_metrics(metrics_path, latest)
         if not rows or rows[-1]["step"] != latest:
             rows.append(meta["metrics"])  # metrics.jsonl was lost or edited: the saved row.
         return state, rng, meta, rows
     if config.resume:
-        print(f"--resume: no checkpoint in {manager.directory}; starting from scratch")
-    elif latest is not None:
-        print(f"starting from scratch: removing checkpoints {manager.all_steps()} and "
-              f"metrics in {run.workdir} (pass --resume to continue instead)")
-    for step in manager.all_steps():
-        manager.delete(step)
-    for path in (metrics_path, run.workdir / "curves.png"):
-        path.unlink(missing_ok=True)
+        _say(f"--resume: no checkpoint in {manager.directory}; starting from scratch")
+    elif latest is not None:  # pragma: no cover - _prepare moved them away
+        raise RuntimeError(f"{manager.directory} still holds checkpoints {manager.all_steps()}")
     return state, rng, None, []
 
 
@@ -944,8 +1137,9 @@ def _record(
     checkpoint, which ``--resume`` drops, rather than a checkpoint without its row.
     """
     row = rows[-1]
-    _write_metrics(run.workdir / "metrics.jsonl", rows)
-    write_plot(rows, run.workdir / "curves.png")
+    if _is_main():
+        _write_metrics(run.workdir / "metrics.jsonl", rows)
+        write_plot(rows, run.workdir / "curves.png")
     meta = {
         "epoch": row["epoch"],
         "step": row["step"],
@@ -954,7 +1148,7 @@ def _record(
         "metrics": row,
     }
     checkpoint = _save(run.manager, state, rng, meta)
-    print(_epoch_line(row, run.config.epochs), flush=True)
+    _say(_epoch_line(row, run.config.epochs), flush=True)
     return meta, checkpoint
 
 
@@ -963,10 +1157,14 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
     """Trains and evaluates the LeNet; writes metrics, plot and checkpoints into ``workdir``.
 
+    In a multi-process run (:func:`train.distributed.initialize` called before JAX
+    started) every process calls this with the same arguments; see the module docstring.
+
     Args:
         config: Hyperparameters.
         workdir: Output directory (created): ``metrics.jsonl``, ``curves.png``,
-            ``checkpoints/``.
+            ``checkpoints/``; a previous run's are moved to ``previous/<timestamp>/`` unless
+            ``config.resume``.
         on_step: Called as ``on_step(epoch, step)`` after each training step is dispatched
             (``epoch`` from 0, ``step`` the global step from 1); for tests and hooks.
 
@@ -988,7 +1186,7 @@ def train_and_evaluate(
     run, (model, tx) = _prepare(config, workdir, on_step)
     try:
         state, rng, meta, rows = _start(run, model, tx)
-        state = jax.device_put(state, run.replicated)
+        state = _replicate(state, run.replicated)
         spe = run.steps_per_epoch
         last_checkpoint = Path(run.manager.directory) / str(meta["step"]) if meta else None
         while not _done(config, int(state.step), spe):
@@ -1050,18 +1248,43 @@ def _parser() -> argparse.ArgumentParser:
     a("--conv", choices=CONVS, default=d.conv, help="convolution implementation")
     a("--seed", type=int, default=d.seed, help="initialization and data-order seed")
     a("--devices", type=int, default=d.devices,
-      help="data-parallel devices (synchronized BN); fake CPU devices are created if needed")
+      help="data-parallel devices (synchronized BN), over all processes; fake CPU devices "
+           "are created if needed")
     a("--workdir", default="runs/lenet", help="checkpoints, metrics.jsonl and curves.png")
     a("--resume", action="store_true",
-      help="continue from the latest checkpoint in --workdir (without it, old checkpoints "
-           "there are removed)")
+      help="continue from the latest checkpoint in --workdir (without it, a previous run's "
+           "outputs there are moved to --workdir/previous/<timestamp>/)")
     a("--max-steps", type=int, default=d.max_steps, help="stop after this many steps")
-    a("--eval-batch-size", type=int, default=d.eval_batch_size, help="evaluation batch size")
+    a("--eval-batch-size", type=int, default=d.eval_batch_size,
+      help="evaluation batch size (rounded up to a multiple of --devices)")
     a("--train-subset", type=int, default=d.train_subset, help="first N training images")
     a("--test-subset", type=int, default=d.test_subset, help="first N test images")
     a("--progress", action=argparse.BooleanOptionalAction, default=d.progress,
       help="show a progress bar")
+    g = p.add_argument_group(
+        "multi-process runs",
+        "Every process runs the same command. Each setting defaults to its JAXBN_* "
+        "environment variable, else to what jax.distributed.initialize detects (SLURM, "
+        "Cloud TPU, Open MPI); with none, the run is single-process.",
+    )
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help=f"address of process 0, reachable by all (${distributed.ENV_COORDINATOR})")
+    g.add_argument("--num-processes", type=int, default=None,
+                   help=f"number of processes (${distributed.ENV_NUM_PROCESSES})")
+    g.add_argument("--process-id", type=int, default=None,
+                   help=f"this process's id, 0 .. N-1 (${distributed.ENV_PROCESS_ID})")
     return p
+
+
+#: The command-line flags that are not :class:`Config` fields: where the process runs.
+_RUNTIME_FLAGS = ("workdir", "coordinator", "num_processes", "process_id")
+
+
+def _parse(argv: Sequence[str] | None) -> tuple[Config, str, dict[str, Any]]:
+    """``(config, workdir, {'coordinator', 'num_processes', 'process_id'})``."""
+    args = vars(_parser().parse_args(argv))
+    runtime = {k: args.pop(k) for k in _RUNTIME_FLAGS}
+    return Config(**args), runtime.pop("workdir"), runtime
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, str]:
@@ -1073,13 +1296,38 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Config, str]:
     Returns:
         ``(config, workdir)``.
     """
-    args = vars(_parser().parse_args(argv))
-    workdir = args.pop("workdir")
-    return Config(**args), workdir
+    config, workdir, _ = _parse(argv)
+    return config, workdir
+
+
+def _join(coordinator: str | None, num_processes: int | None, process_id: int | None) -> bool:
+    """Joins a multi-process run if one is configured; True if this is one.
+
+    When JAX has already started (``main`` called inside a program, e.g. the tests) and no
+    multi-process setting was given, this is a single-process run and the cluster
+    environment is not probed: joining then would be too late anyway.
+    """
+    settings = (coordinator, num_processes, process_id)
+    env = (distributed.ENV_COORDINATOR, distributed.ENV_NUM_PROCESSES,
+           distributed.ENV_PROCESS_ID)
+    if (
+        _backends_initialized()
+        and all(v is None for v in settings)
+        and not any(os.environ.get(k) for k in env)
+    ):
+        return jax.distributed.is_initialized()
+    try:
+        return distributed.initialize(coordinator, num_processes, process_id)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Runs ``python -m train.lenet``; the last line printed is the ``final:`` summary.
+
+    With ``--coordinator/--num-processes/--process-id`` (or their ``JAXBN_*`` variables, or
+    a detected cluster) it first joins the multi-process runtime; then every process of the
+    run executes this same function (see the module docstring).
 
     Args:
         argv: Command-line arguments without the program name; ``None`` for ``sys.argv``.
@@ -1088,10 +1336,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         The final metrics (see :func:`train_and_evaluate`).
 
     Raises:
-        SystemExit: Status 2 for bad options or data, 1 when training diverged, 130 when
-            interrupted (the latest checkpoint stays loadable).
+        SystemExit: Status 2 for bad options or data, 1 when training diverged or the
+            coordinator could not be reached, 130 when interrupted (the latest checkpoint
+            stays loadable).
     """
-    config, workdir = parse_args(argv)
+    config, workdir, runtime = _parse(argv)
+    with _exit_on((ConfigError, data.DataError), 2):
+        validate(config)  # Before joining: every process of a run fails alike, and at once.
+    with _exit_on(ConfigError, 2), _exit_on(distributed.CoordinatorUnreachableError, 1):
+        _join(**runtime)
     if config.devices > 1:
         # Before anything starts JAX's backends: fake CPU devices can still be made.
         with _exit_on((ConfigError, data.DataError), 2):
@@ -1103,9 +1356,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         print(f"\ninterrupted; the latest checkpoint in {Path(workdir) / 'checkpoints'} is "
               "intact: continue with --resume", file=sys.stderr)
         raise SystemExit(EXIT_INTERRUPTED) from None
-    print(f"checkpoint: {result['checkpoint']}")
-    print(f"metrics: {result['metrics']}")
-    print(f"plot: {result['plot']}")
+    _say(f"checkpoint: {result['checkpoint']}")
+    _say(f"metrics: {result['metrics']}")
+    _say(f"plot: {result['plot']}")
     print(
         f"final: epochs={result['epoch']:g} steps={result['step']} "
         f"test_accuracy={result['test_accuracy']:.4f} test_loss={result['test_loss']:.4f} "
