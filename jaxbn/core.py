@@ -7,10 +7,16 @@ Numerical decisions, in one place:
 
 * Statistics are computed and kept in float32 (or wider) whatever the input dtype; the
   output has ``dtype`` or else ``x.dtype``.
-* The default variance is the corrected two-pass estimate: a first pass finds a shift (the
-  local mean), a second pass sums deviations from it and their squares, so no large terms
-  cancel when ``|mean| >> std``. ``fast_variance=True`` keeps ``E[x^2] - E[x]^2`` (flax's
-  default), clipped at zero.
+* The default variance is the corrected two-pass estimate: sums of the deviations from a
+  shift close to the mean and of their squares, so no large terms cancel when
+  ``|mean| >> std``. The shift is the mean of a small leading slice of the input (with a
+  mask: the exact masked mean, a first pass). ``fast_variance=True`` keeps
+  ``E[x^2] - E[x]^2`` (flax's default), clipped at zero.
+* Performance (XLA:CPU): for inputs of 2 MiB and more (at float32) and for every
+  half-precision input, each reduction reads the input straight from its buffer and,
+  without a mask, no full-size temporary is materialized in the forward or the backward
+  pass (see :func:`_private`). The backward pass keeps only ``x`` and per-feature
+  statistics.
 * Across devices, each device reduces its own valid elements to ``(count, mean, M2)`` and a
   single ``all_gather`` brings every device's triple to every device, where they are merged
   exactly (Chan et al.'s pairwise update), weighting each device by its valid count. That is
@@ -276,11 +282,27 @@ def init(
 # Building blocks.
 
 
-_SHIFT_SAMPLES = 64  # at least this many values per feature (if present) set the shift
+# The shift is the mean of at least this many values per feature (if present) and of at
+# least 1 / _SHIFT_FRACTION of them: then it lies within sqrt(_SHIFT_FRACTION) standard
+# deviations of the mean whatever the data, so the shifted sums lose at most a factor
+# 1 + _SHIFT_FRACTION in relative accuracy (and about nothing for unordered batches).
+_SHIFT_SAMPLES = 64
+_SHIFT_FRACTION = 256
 
 
-def _private(*arrays: Array) -> tuple[Array, ...]:
-    """The same arrays under new identities, for one reduction's exclusive use.
+# Inputs of at least this many bytes (at float32) take the streaming path of _private;
+# smaller float32 inputs fit in a core's cache, where XLA's own plan (shared elementwise
+# results materialized once, then plain reductions over them) measured faster.
+_STREAM_BYTES = 2 << 20
+
+
+def _streams(x: Array) -> bool:
+    """Whether the reductions over ``x`` should each read ``x`` itself (see _private)."""
+    return (x.dtype.itemsize < 4 or x.size * max(x.dtype.itemsize, 4) >= _STREAM_BYTES)
+
+
+def _private(*arrays: Any, stream: bool = True) -> tuple[Any, ...]:
+    """The same arrays (or pytrees of them) under new identities, for one reduction alone.
 
     XLA:CPU runs reductions as custom fusions that absorb their elementwise producers
     (converts, broadcasts, subtractions) only when each producer has that reduction as its
@@ -290,22 +312,43 @@ def _private(*arrays: Array) -> tuple[Array, ...]:
     An optimization barrier gives each reduction its own copies of its operands (no data
     is copied), so that every reduction reads ``x`` straight from its buffer. Other backends
     get the arrays unchanged: XLA:GPU fuses sibling reductions of a shared operand into one
-    kernel, which distinct identities would prevent.
+    kernel, which distinct identities would prevent. So do small float32 inputs
+    (``stream=False``, from :func:`_streams`): there a cache-resident shared temporary is
+    cheaper than recomputing it in every reduction. Half-precision inputs always stream:
+    their shared temporaries are float32 conversions, twice the input's size.
     """
-    return lax.platform_dependent(*arrays, cpu=lambda *a: lax.optimization_barrier(a),
-                                  default=lambda *a: a)
+    if not stream:
+        return arrays
+    leaves, tree = jax.tree.flatten(arrays)
+    leaves = lax.platform_dependent(*leaves, cpu=_barrier, default=lambda *a: a)
+    return jax.tree.unflatten(tree, leaves)
+
+
+def _barrier(*arrays: Array) -> tuple[Array, ...]:
+    # One barrier per set of shard_map varying axes, so that no array changes type.
+    groups: dict[frozenset, list[int]] = {}
+    for i, a in enumerate(arrays):
+        groups.setdefault(_varying_axes(a), []).append(i)
+    out: list[Any] = [None] * len(arrays)
+    for idx in groups.values():
+        for i, a in zip(idx, lax.optimization_barrier(tuple(arrays[i] for i in idx)),
+                        strict=True):
+            out[i] = a
+    return tuple(out)
 
 
 def _shift(x: Array, red: tuple[int, ...], sdt: Any) -> Array:
     """A per-feature value close to the mean: the mean of a small leading slice of ``x``.
 
     Takes the first ``k`` indices along the first reduction axis, ``k`` the fewest that
-    give ``_SHIFT_SAMPLES`` values per feature (or the whole axis), so it costs a sliver of
-    one pass. Any shift within a few standard deviations of the mean keeps the shifted sums
-    free of cancellation; the exact mean is recovered from them.
+    give ``max(_SHIFT_SAMPLES, n / _SHIFT_FRACTION)`` values per feature (or the whole
+    axis), so it costs a sliver of one pass. A shift within a few standard deviations of the
+    mean keeps the shifted sums free of cancellation; the exact mean is recovered from them.
     """
     rest = math.prod(x.shape[a] for a in red[1:])
-    k = min(x.shape[red[0]], max(1, -(-_SHIFT_SAMPLES // max(rest, 1))))
+    n = rest * x.shape[red[0]]
+    samples = max(_SHIFT_SAMPLES, -(-n // _SHIFT_FRACTION))
+    k = min(x.shape[red[0]], max(1, -(-samples // max(rest, 1))))
     head = lax.slice_in_dim(x, 0, k, axis=red[0])
     return jnp.mean(head.astype(sdt), axis=red)
 
@@ -319,7 +362,7 @@ def _local_sums(
     if mask is None:
         n = jnp.full(fshape, math.prod(x.shape[a] for a in red), sdt)
         if fast_variance:
-            xa, xb = _private(x, x)
+            xa, xb = _private(x, x, stream=_streams(x))
             return (n, jnp.sum(xa.astype(sdt), axis=red),
                     jnp.sum(jnp.square(xb.astype(sdt)), axis=red))
         # Corrected two-pass variance around a shift taken from a slice of x (Chan, Golub &
@@ -327,17 +370,18 @@ def _local_sums(
         # mean = shift + sd / n and M2 = sdd - sd^2 / n, with no large terms cancelling when
         # |mean| >> std. The two sums read x once each and share no temporary.
         shift = lax.stop_gradient(_shift(x, red, sdt))
-        xa, sa, xb, sb = _private(x, shift, x, shift)
+        xa, sa, xb, sb = _private(x, shift, x, shift, stream=_streams(x))
         sd = jnp.sum(xa.astype(sdt) - jnp.expand_dims(sa, red), axis=red)
         sdd = jnp.sum(jnp.square(xb.astype(sdt) - jnp.expand_dims(sb, red)), axis=red)
         mean = shift + sd / n
         m2 = jnp.maximum(sdd - sd * sd / n, 0)
         return n, mean, m2
 
-    # Masked: every sum reads x and the (unbroadcast) mask from their buffers.
+    # Masked: every sum gets its own x and (unbroadcast) mask. XLA:CPU's reduction fusions
+    # do not absorb the select, so each masked sum still materializes its input once.
     def msums(c: Array | None, *fs) -> list[Array]:
         ops = (x, mask) if c is None else (x, mask, c)
-        copies = _private(*(ops * len(fs)))
+        copies = _private(*(ops * len(fs)), stream=_streams(x))
         out = []
         for i, f in enumerate(fs):
             xp, kp, *cp = copies[i * len(ops):(i + 1) * len(ops)]
@@ -345,7 +389,7 @@ def _local_sums(
             out.append(jnp.sum(jnp.where(kp, v, jnp.zeros((), sdt)), axis=red))
         return out
 
-    km, = _private(mask)
+    km, = _private(mask, stream=_streams(x))
     n = jnp.sum(jnp.broadcast_to(km, x.shape), axis=red, dtype=sdt)
     if fast_variance:
         return n, *msums(None, lambda v: v, jnp.square)
@@ -713,7 +757,7 @@ def _train_forward(cfg: _TrainConfig, x, scale, bias, mask):
         scale, jnp.zeros_like(scale) if bias is None else bias)
     # The output's operands are private too, so that a reduction consuming y (a loss, the
     # next layer's statistics) can absorb its computation.
-    xy, mean_y, var_y, params = _private(x, m.mean, m.var, params)
+    xy, mean_y, var_y, params = _private(x, m.mean, m.var, params, stream=_streams(x))
     y = normalize(xy, mean_y, var_y, params, axis=cfg.feats, epsilon=cfg.epsilon,
                   dtype=cfg.dtype)
     if scale is None and bias is not None:
@@ -742,34 +786,39 @@ def _train_normalize_bwd(cfg: _TrainConfig, res, cts):
     # Each sum reads g (and x) straight from their buffers (see _private). The sums run over
     # every element, masked-out ones included: those are normalized too, so their outputs
     # depend on the statistics; the mask only restricts which x the statistics depend on.
-    ga, gb, xb, mb = _private(g, g, x, mean)
+    stream = _streams(x)
+    ga, gb, xb, mb = _private(g, g, x, mean, stream=stream)
     sum_g = jnp.sum(ga.astype(sdt), axis=red)
     sum_gd = jnp.sum(gb.astype(sdt) * (xb.astype(sdt) - mb.reshape(bshape)), axis=red)
     local = (sum_g, sum_gd * inv)
-    param_cts = local
+    # Parameters replicated over shard_map axes along which x varies (P() specs) need the
+    # sums over those axes as their cotangent, synced BN or not; take them from the
+    # statistics' collective when the axes coincide.
+    ref = scale if scale is not None else bias
+    extra = tuple(sorted(_varying_axes(x) - (_varying_axes(ref) if ref is not None
+                                              else frozenset()), key=str))
     total = local
     if cfg.axis_name is not None:
-        names = _names(cfg.axis_name)
-        # Parameters replicated over the synced axis (shard_map's P()) need the global sums
-        # as their cotangent: take them from the same collective when the axes coincide.
-        ref = scale if scale is not None else bias
-        extra = tuple(sorted(_varying_axes(x) - (_varying_axes(ref) if ref is not None
-                                                  else frozenset()), key=str))
         total = _sync_sum(local, cfg.axis_name, cfg.groups)
-        if extra and (cfg.groups is not None or set(extra) != set(names)):
-            param_cts = lax.psum(local, extra)
-        elif extra:
-            param_cts = total
+    if not extra:
+        param_cts = local
+    elif cfg.axis_name is not None and cfg.groups is None and set(extra) == set(
+        _names(cfg.axis_name)
+    ):
+        param_cts = total
+    else:
+        param_cts = lax.psum(local, extra)
     sg, sgx = total
     w = inv if scale is None else inv * scale.astype(sdt)
     safe_n = jnp.maximum(n, 1)
     # dx = w * g - w * sum(g) / n - (x - mean) * (w * inv * sum(g * xhat) / n), per feature.
     c0 = (w * sg / safe_n).reshape(bshape)
     c1 = (w * inv * sgx / safe_n).reshape(bshape)
-    corr = c0 + (x.astype(sdt) - mean.reshape(bshape)) * c1
+    gx, xx, mx = _private(g, x, mean, stream=stream)  # so g's other consumers can fuse it
+    corr = c0 + (xx.astype(sdt) - mx.reshape(bshape)) * c1
     if mask is not None:
         corr = jnp.where(mask, corr, 0)
-    dx = (g.astype(sdt) * w.reshape(bshape) - corr).astype(x.dtype)
+    dx = (gx.astype(sdt) * w.reshape(bshape) - corr).astype(x.dtype)
     dscale = None if scale is None else param_cts[1].astype(scale.dtype)
     dbias = None if bias is None else param_cts[0].astype(bias.dtype)
     dmask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)

@@ -471,3 +471,23 @@ def test_error_raised_at_trace_time():
     with pytest.raises(ValueError, match=r"params.bias has shape"):
         bad = jaxbn.BatchNormParams(jnp.ones(3), jnp.zeros(2))
         jax.jit(partial(jaxbn.batch_norm, training=True)).lower(X, bad, None)
+
+
+def test_unsynced_bn_in_shard_map_with_replicated_params(mesh):
+    """Per-device BN (no axis_name) under shard_map: replicated params get summed gradients."""
+    x = _rng(8).normal(size=(D * 4, 3)).astype(np.float32)
+    params = _params(3)
+
+    def local(p, x):
+        y, _ = jaxbn.batch_norm(x, p, None, training=True)
+        return jax.lax.psum(jnp.sum(y**3), "d")
+
+    f = jax.shard_map(local, mesh=mesh, in_specs=(P(), P("d")), out_specs=P())
+    g = jax.jit(jax.grad(f))(params, jax.device_put(x, NamedSharding(mesh, P("d"))))
+    want = [0.0, 0.0]
+    for shard in x.reshape(D, 4, 3):
+        gs = jax.grad(lambda p, s=shard: jnp.sum(
+            jaxbn.batch_norm(s, p, None, training=True)[0] ** 3))(params)
+        want = [want[0] + gs.scale, want[1] + gs.bias]
+    np.testing.assert_allclose(g.scale, want[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(g.bias, want[1], rtol=1e-5, atol=1e-5)
