@@ -302,15 +302,7 @@ def test_four_devices_match_one_device(straight, idx_dir, tmp_path):
     _same_params(tmp_path / "one", tmp_path / "four", rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    raises=(TypeError, ValueError),
-    strict=False,
-    reason="train.conv.Conv's custom_vjp is not yet shard_map-aware: its kernel cotangent is "
-    "varying over 'batch' while the kernel is not (fix in train/conv.py: pcast the kernel to "
-    "x's varying axes before the custom_vjp); remove this mark once that lands",
-)
 def test_fast_conv_trains_like_flax_conv(straight, idx_dir, tmp_path):
-    pytest.importorskip("train.conv", reason="train/conv.py (the fast Conv) not present")
     flax_conv = lenet.main(_args(idx_dir, tmp_path / "flax", "--max-steps", 3))
     fast_conv = lenet.main(_args(idx_dir, tmp_path / "fast", "--max-steps", 3, "--conv", "fast"))
     _same_metrics(flax_conv, fast_conv, rtol=1e-4, atol=1e-5)
