@@ -303,7 +303,7 @@ def test_four_devices_match_one_device(straight, idx_dir, tmp_path):
 
 
 def test_fast_conv_trains_like_flax_conv(straight, idx_dir, tmp_path):
-    flax_conv = lenet.main(_args(idx_dir, tmp_path / "flax", "--max-steps", 3))
+    flax_conv = lenet.main(_args(idx_dir, tmp_path / "flax", "--max-steps", 3, "--conv", "flax"))
     fast_conv = lenet.main(_args(idx_dir, tmp_path / "fast", "--max-steps", 3, "--conv", "fast"))
     _same_metrics(flax_conv, fast_conv, rtol=1e-4, atol=1e-5)
 
