@@ -245,15 +245,11 @@ def _model(spec: Spec, num_classes: int) -> LeNet:
     )
 
 
-def _standardize(images: jax.Array, mean: float, std: float) -> jax.Array:
-    return (images.astype(jnp.float32) / 255.0 - mean) / std
-
-
 def _loss_and_stats(model: LeNet, mean: float, std: float) -> Callable[..., Any]:
     def loss_fn(params, batch_stats, images, labels):
         logits, updates = model.apply(
             {"params": params, "batch_stats": batch_stats},
-            _standardize(images, mean, std),
+            lenet._preprocess(images, mean, std),
             train=True,
             mutable=["batch_stats"],
         )
