@@ -707,6 +707,11 @@ def batch_norm(
             f"shape {x.shape} with features along axis {axis!r}; use a larger batch, or "
             f"training=False with running statistics."
         )
+    if not _is_concrete(epsilon):
+        raise ValueError(
+            "epsilon must be a static Python float when using batch statistics, got a traced "
+            "value; close over it or mark it static (jit's static_argnames)."
+        )
     groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
     cfg = _TrainConfig(feats, float(epsilon), axis_name, groups, bool(fast_variance),
                        jnp.dtype(dtype or x.dtype))

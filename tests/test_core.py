@@ -491,3 +491,13 @@ def test_unsynced_bn_in_shard_map_with_replicated_params(mesh):
         want = [want[0] + gs.scale, want[1] + gs.bias]
     np.testing.assert_allclose(g.scale, want[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(g.bias, want[1], rtol=1e-5, atol=1e-5)
+
+
+def test_error_traced_epsilon_in_training():
+    """A traced epsilon is fine in inference but named clearly when batch statistics are used."""
+    params, stats = jaxbn.init(3)
+    ok = jax.jit(lambda x, e: jaxbn.batch_norm(x, params, stats, training=False, epsilon=e)[0])
+    assert ok(X, 1e-5).shape == X.shape
+    bad = jax.jit(lambda x, e: jaxbn.batch_norm(x, params, stats, training=True, epsilon=e)[0])
+    with pytest.raises(ValueError, match=r"epsilon must be a static Python float .* traced"):
+        bad(X, 1e-5)
