@@ -18,7 +18,9 @@ Numerical decisions, in one place:
   pass (see :func:`_private`). The backward pass keeps only ``x`` and per-feature
   statistics.
 * Across devices, each device reduces its own valid elements to ``(count, mean, M2)`` and a
-  single ``all_gather`` brings every device's triple to every device, where they are merged
+  single gather (a ``psum`` of one slot per device, so the result is device-invariant; an
+  ``all_gather`` within ``axis_index_groups``) brings every device's triple to every device,
+  where they are merged
   exactly (Chan et al.'s pairwise update), weighting each device by its valid count. That is
   one collective in the forward pass; the backward pass (see :func:`batch_norm`) needs one
   ``psum``.
