@@ -444,7 +444,10 @@ def test_two_process_training_matches_one_process(two_process_training):
         flat_a, flat_b = _flat(a["state"][part]), _flat(b["state"][part])
         assert flat_a.keys() == flat_b.keys()
         for k in flat_a:
-            np.testing.assert_allclose(flat_a[k], flat_b[k], rtol=1e-4, atol=1e-6, err_msg=k)
+            # 16 SGD steps amplify float32 rounding from different reduction orders (the
+            # gradient psum over two processes vs one; the fast conv's chunked matmuls):
+            # seen up to 2.5e-6 absolute on conv2 kernels of magnitude ~0.05.
+            np.testing.assert_allclose(flat_a[k], flat_b[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
 def test_only_process_0_prints_and_writes_metrics(two_process_training):
