@@ -11,6 +11,7 @@ import re
 import numpy as np
 import pytest
 
+from tests.synthetic import learnable_images
 from train import data, experiments
 
 N_TRAIN, N_TEST = 256, 64
@@ -19,21 +20,14 @@ PLUS_MINUS = re.compile(r"(-?\d+(?:\.\d+)?) ± (\d+(?:\.\d+)?)")
 MAX_PNG_BYTES = 60_000
 
 
-def _synthetic(n, rng):
-    """Learnable 28x28 images: class c has a bright band at rows 2c..2c+5, plus noise."""
-    labels = rng.integers(0, 10, n)
-    images = rng.integers(0, 80, (n, 28, 28)).astype(np.uint8)
-    for i, c in enumerate(labels):
-        images[i, 2 * c : 2 * c + 6, 4:24] = 220
-    return images, labels
-
-
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     """``--quick --only convergence,batch_size``: (returned times, output directory)."""
     rng = np.random.default_rng(0)
     idx_dir = data.write_idx_dataset(
-        tmp_path_factory.mktemp("idx"), *_synthetic(N_TRAIN, rng), *_synthetic(N_TEST, rng)
+        tmp_path_factory.mktemp("idx"),
+        *learnable_images(N_TRAIN, rng),
+        *learnable_images(N_TEST, rng),
     )
     out = tmp_path_factory.mktemp("experiments")
     times = experiments.main(

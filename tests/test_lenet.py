@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.synthetic import learnable_images
 from train import data, lenet
 
 REAL_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -31,20 +32,13 @@ METRIC_KEYS = {
 }
 
 
-def _synthetic(n, rng):
-    """Learnable 28x28 images: class c has a bright band at rows 2c..2c+5, plus noise."""
-    labels = rng.integers(0, 10, n)
-    images = rng.integers(0, 80, (n, 28, 28)).astype(np.uint8)
-    for i, c in enumerate(labels):
-        images[i, 2 * c : 2 * c + 6, 4:24] = 220
-    return images, labels
-
-
 @pytest.fixture(scope="module")
 def idx_dir(tmp_path_factory):
     rng = np.random.default_rng(0)
     directory = tmp_path_factory.mktemp("idx")
-    return data.write_idx_dataset(directory, *_synthetic(N_TRAIN, rng), *_synthetic(N_TEST, rng))
+    return data.write_idx_dataset(
+        directory, *learnable_images(N_TRAIN, rng), *learnable_images(N_TEST, rng)
+    )
 
 
 def _args(idx_dir, workdir, *extra):

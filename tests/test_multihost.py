@@ -32,6 +32,7 @@ import numpy as np
 import pytest
 
 from tests import multihost_worker as worker
+from tests.synthetic import learnable_images
 from train import data, distributed, lenet
 
 REPO = Path(__file__).resolve().parents[1]
@@ -344,15 +345,8 @@ def idx_dir(tmp_path_factory):
     rows, so process 1's half of it is all padding."""
     rng = np.random.default_rng(0)
 
-    def synthetic(n):
-        labels = rng.integers(0, 10, n)
-        images = rng.integers(0, 80, (n, 28, 28)).astype(np.uint8)
-        for i, c in enumerate(labels):
-            images[i, 2 * c : 2 * c + 6, 4:24] = 220
-        return images, labels
-
-    return data.write_idx_dataset(tmp_path_factory.mktemp("idx"), *synthetic(N_TRAIN),
-                                  *synthetic(N_TEST))
+    return data.write_idx_dataset(tmp_path_factory.mktemp("idx"),
+                                  *learnable_images(N_TRAIN, rng), *learnable_images(N_TEST, rng))
 
 
 def _lenet_args(idx_dir: Path, workdir: Path, *extra: Any) -> list[str]:
