@@ -48,6 +48,7 @@ TIMEOUT_S = 10
 SOLO_TIMEOUT_S = 3
 HEARTBEAT_S = 5
 FATAL = "JAX distributed service detected fatal errors"
+GLOO_ABORT = "gloo::EnforceNotMet"
 
 
 def _free_port() -> int:
@@ -493,7 +494,9 @@ def test_killed_training_process_fails_the_other_then_resume_works(
     print(f"training process 1 killed; process 0 failed {detected:.1f} s later")
     log = _log(killed_dir, "p0")
     assert rc not in (0, None), log
-    assert FATAL in log, log
+    # Killed mid-step, the peer's socket can close inside a collective: then gloo aborts the
+    # survivor itself ("Received data size doesn't match") before JAX's heartbeat fires.
+    assert FATAL in log or GLOO_ABORT in log, log
     assert detected < BOUND_S
     assert "final:" not in log
     latest = max(_steps(workdir / "checkpoints"))
