@@ -32,20 +32,13 @@ COLLECTION = "precise_batch_stats"
 
 def _layer_moments(module: nn.Module, args: tuple, kwargs: dict, orig: Callable,
                    axis_name: Any) -> core.Moments | None:
-    """The batch moments a BatchNorm call normalizes with, or None if it uses running ones."""
+    """The batch moments a BatchNorm call normalizes with; None if it uses running ones."""
     bound = inspect.signature(orig).bind(*args, **kwargs)
     ura = module.use_running_average
     if ura is None:
         ura = bound.arguments.get("use_running_average")
-    if ura is None:
-        return None  # the layer raises flax's own error for a missing mode
-    if ura:
-        raise ValueError(
-            f"precise_batch_stats needs the model's training-mode forward pass, but the "
-            f"BatchNorm at {'/'.join(module.scope.path) or '<root>'} was called with "
-            f"use_running_average=True; pass an apply_fn that runs the model in training "
-            f"mode, e.g. functools.partial(model.apply, train=True)."
-        )
+    if ura is None or ura:
+        return None  # frozen (or flax raises its own error for a missing mode)
     mask = bound.arguments.get("mask")
     m = core.moments(
         bound.arguments["x"], axis=module.axis,
@@ -83,9 +76,10 @@ class _Linen(precise._Collector):
         if not sown:
             raise ValueError(
                 "no BatchNorm layer (flax.linen.BatchNorm, jaxbn.linen.BatchNorm or a "
-                "subclass) ran in training mode during apply_fn: a model without BatchNorm "
-                "has no statistics to recompute, and apply_fn must be Module.apply-like, "
-                "returning (output, mutated variables) when called with mutable=True."
+                "subclass) ran in training mode during apply_fn: apply_fn must run the model "
+                "in training mode, e.g. functools.partial(model.apply, train=True), and be "
+                "Module.apply-like (return (output, mutated variables) when called with "
+                "mutable=True); a model without BatchNorm has no statistics to recompute."
             )
         index = {p: i for i, p in enumerate(self.paths)}
         per_layer: list[tuple[core.Moments, ...]] = [() for _ in self.paths]
@@ -120,7 +114,9 @@ def precise_batch_stats(
     normalizes with (its ``axis``, ``axis_name``, ``axis_index_groups``, ``mask`` and
     ``use_fast_variance``) are recorded, and the layer then runs as usual, so downstream
     layers see training-mode inputs. Each layer's moments are pooled exactly over all
-    batches (:func:`jaxbn.precise.accumulate`). The stored variance is unbiased where the
+    batches (:func:`jaxbn.precise.accumulate`). A layer that runs with
+    ``use_running_average=True`` (frozen) and a layer that does not run keep their
+    statistics. The stored variance is unbiased where the
     layer has ``unbiased_running_var=True`` (jaxbn's option) and biased otherwise, as flax
     stores it; ``batch_stats/count`` (jaxbn's ``momentum=None``) becomes the number of
     batch moments pooled. The forward pass is compiled once; passing the same ``apply_fn``
@@ -147,8 +143,8 @@ def precise_batch_stats(
 
     Raises:
       ValueError: for variables without ``batch_stats``, a forward pass in which no
-        BatchNorm layer ran or one ran with ``use_running_average=True``, empty
-        ``batches``, or batches of different shapes.
+        BatchNorm layer ran in training mode, empty ``batches``, or batches of different
+        shapes.
 
     Example:
 

@@ -30,12 +30,8 @@ _ACTIVE = threading.local()
 
 def _record(base: type, layer: Any, x: Any, use_running_average: bool | None, mask: Any):
     records, axis_name = _ACTIVE.value
-    if use_running_average:
-        raise ValueError(
-            "precise_batch_stats runs every BatchNorm with batch statistics, but the forward "
-            "pass called one with use_running_average=True; leave the argument out (the "
-            "layers are switched to batch statistics) or pass False."
-        )
+    if use_running_average:  # frozen by the forward pass itself: left alone
+        return base.__call__(layer, x, True, mask=mask)
     # The layer's own dtype promotion decides what its statistics are computed from.
     scale = layer.scale[...] if layer.scale is not None else None
     bias = layer.bias[...] if layer.bias is not None else None
@@ -88,8 +84,9 @@ class _Nnx(precise._Collector):
         per_layer = [tuple(records[id(layer)]) for layer in layers]
         if not any(per_layer):
             raise ValueError(
-                "no BatchNorm layer ran during the forward pass: forward(model, batch) must "
-                "call the model."
+                "no BatchNorm layer ran with batch statistics during the forward pass: "
+                "forward(model, batch) must call the model, and not with "
+                "use_running_average=True."
             )
         return per_layer, None
 
@@ -110,7 +107,9 @@ def precise_batch_stats(
     :class:`jaxbn.nnx.BatchNorm` switched to batch statistics (whatever ``train()`` /
     ``eval()`` left; other layers, e.g. dropout, run as the model is set) and recording the
     moments of its input that it normalizes with (after its ``promote_dtype``, with its
-    ``axis``, ``axis_name``, ``axis_index_groups``, ``mask`` and ``use_fast_variance``).
+    ``axis``, ``axis_name``, ``axis_index_groups``, ``mask`` and ``use_fast_variance``). A
+    layer that the forward pass itself calls with ``use_running_average=True`` (frozen)
+    normalizes with its running statistics and keeps them.
     Each layer's moments are pooled exactly over all batches
     (:func:`jaxbn.precise.accumulate`), and its ``mean`` and ``var``
     :class:`~flax.nnx.BatchStat` values are then replaced in ``model`` -- as nnx updates
@@ -124,7 +123,7 @@ def precise_batch_stats(
       batches: an iterable of same-shaped batches, or a stacked array (or dict of arrays)
         whose leading axis indexes the batches; see :func:`jaxbn.precise_batch_stats`.
       forward: ``forward(model, batch)`` runs the model on a batch (its output is ignored);
-        default ``model(batch)``. It must not pass ``use_running_average=True``.
+        default ``model(batch)``.
       axis_name: a mesh or mapped axis the batches are split over; the moments of layers
         that do not synchronize over it themselves are merged over it. Bound by ``mesh``
         or by an enclosing transformation.
@@ -133,8 +132,8 @@ def precise_batch_stats(
       sync_processes: see :func:`jaxbn.precise_batch_stats`.
 
     Raises:
-      ValueError: for a model without BatchNorm layers, a forward pass that runs none or
-        asks for running averages, empty ``batches``, or batches of different shapes.
+      ValueError: for a model without BatchNorm layers, a forward pass that runs none with
+        batch statistics, empty ``batches``, or batches of different shapes.
 
     Example:
 

@@ -60,6 +60,11 @@ def _hidden(x, m1):
     return jax.nn.relu(jaxbn.normalize(x, m1.mean, m1.var, P1)) @ W
 
 
+@jax.jit
+def _bn1_then_hidden(x):  # bn2's input in the training-mode forward pass
+    return _hidden(x, jaxbn.moments(x))
+
+
 def _moments_fn(x):
     m1 = jaxbn.moments(x)
     return {"bn1": m1, "bn2": jaxbn.moments(_hidden(x, m1)), "no_stats": None}
@@ -76,7 +81,7 @@ def test_functional_equals_one_big_batch(unbiased):
                                         unbiased_running_var=unbiased)
     ddof = int(unbiased)
     _check(stats["bn1"], data, ddof=ddof)  # the first layer: one batch of all 6 * 8 images
-    hidden = [_hidden(x, jaxbn.moments(x)) for x in data]
+    hidden = [_bn1_then_hidden(x) for x in data]
     _check(stats["bn2"], hidden, ddof=ddof)
     assert int(stats["bn1"].count) == int(stats["bn2"].count) == len(data)
     assert stats["no_stats"] is None
@@ -139,6 +144,7 @@ def test_merge_of_process_results_equals_all_data(monkeypatch):
     data = _data(k=7, shape=(), c=3)
     parts = [data[:1], data[1:5], data[5:]]  # unequal numbers of batches per "process"
 
+    @jax.jit
     def pooled(part):
         pop = precise.population(3)
         for x in part:
@@ -146,8 +152,9 @@ def test_merge_of_process_results_equals_all_data(monkeypatch):
         return pop
 
     pops = [pooled(p) for p in parts]
-    merged = precise._merge_stacked(jax.tree.map(lambda *a: jnp.stack(a), *pops))
-    stats = precise.finalize(merged, jaxbn.init(3)[1], unbiased_running_var=True)
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *pops)
+    stats = jax.jit(lambda p: precise.finalize(precise._merge_stacked(p), jaxbn.init(3)[1],
+                                               unbiased_running_var=True))(stacked)
     _check(stats, data, ddof=1)
     assert int(stats.count) == 7
 
@@ -190,7 +197,7 @@ def test_split_over_devices_equals_one_device(mesh, synced):
         for a, b in zip(one["bn2"], split["bn2"], strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     else:  # bn2 sees bn1 normalized per device (2 rows each): those inputs, merged.
-        hidden = [_hidden(r, jaxbn.moments(r)) for x in data for r in np.split(x, 8)]
+        hidden = [_bn1_then_hidden(r) for x in data for r in np.split(x, 8)]
         _check(split["bn2"], hidden, ddof=1)
 
 
@@ -282,7 +289,7 @@ def test_linen_models(flax_bn):
     # The new statistics evaluate the model.
     model.apply({**variables, "batch_stats": new}, data[0], train=False)
 
-    with pytest.raises(ValueError, match="training-mode forward pass.*BatchNorm_0"):
+    with pytest.raises(ValueError, match="no BatchNorm layer .* ran in training mode"):
         precise_linen.precise_batch_stats(functools.partial(model.apply, train=False),
                                           variables, list(data))
 
@@ -345,9 +352,16 @@ def test_nnx_models(flax_bn):
     assert jax.tree.all(jax.tree.map(np.array_equal, params,
                                      jax.tree.map(np.asarray, nnx.state(model, nnx.Param))))
 
-    with pytest.raises(ValueError, match="use_running_average=True"):
-        precise_nnx.precise_batch_stats(
-            model, list(data), forward=lambda m, x: m.bn1(m.l1(x), use_running_average=True))
+    # A layer the forward pass freezes keeps its statistics; the next sees its output.
+    old_bn1 = (np.asarray(model.bn1.mean[...]), np.asarray(model.bn1.var[...]))
+    frozen = [model.l2(nnx.relu(model.bn1(model.l1(x), use_running_average=True)))
+              for x in data]
+    precise_nnx.precise_batch_stats(
+        model, list(data),
+        forward=lambda m, x: m.bn2(m.l2(nnx.relu(m.bn1(m.l1(x), use_running_average=True)))))
+    np.testing.assert_array_equal(model.bn1.mean[...], old_bn1[0])
+    np.testing.assert_array_equal(model.bn1.var[...], old_bn1[1])
+    _check(model.bn2, frozen)
 
 
 def test_nnx_split_over_devices_equals_one_device(mesh):
@@ -400,5 +414,53 @@ def test_errors():
         precise_linen.precise_batch_stats(NoBN().apply, variables, list(data))
     with pytest.raises(ValueError, match="no BatchNorm layer"):
         precise_nnx.precise_batch_stats(nnx.Linear(4, 2, rngs=nnx.Rngs(0)), list(data))
+    model = NnxMLP(True, nnx.Rngs(0))
     with pytest.raises(ValueError, match="batches is empty"):
-        precise_nnx.precise_batch_stats(NnxMLP(True, nnx.Rngs(0)), iter([]))
+        precise_nnx.precise_batch_stats(model, iter([]))
+    with pytest.raises(ValueError, match="no BatchNorm layer ran with batch statistics"):
+        precise_nnx.precise_batch_stats(
+            model, list(data[:, :, :3]), forward=lambda m, x: m.bn1(
+                m.l1(x), use_running_average=True))
+
+
+# ------------------------------------------------------------------------------------------
+# Two real processes (jax.distributed, gloo, a coordinator on 127.0.0.1).
+
+
+def test_two_processes_equal_one(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from tests import precise_worker as worker
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("XLA_", "JAX_")) and "proxy" not in k.lower()}
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(repo))
+    procs = [subprocess.Popen([sys.executable, worker.__file__, f"127.0.0.1:{port}", str(i),
+                               str(tmp_path / f"p{i}.npz")], env=env, cwd=repo,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    for p in procs:
+        try:
+            log, _ = p.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("a worker hung")
+        assert p.returncode == 0, log
+    x = worker.data()
+    for i in range(2):
+        got = np.load(tmp_path / f"p{i}.npz")
+        for key, xs, count in (("local", x, worker.BATCHES), ("mesh", x, worker.BATCHES),
+                               ("mesh_synced", 2.0 * x, worker.BATCHES)):
+            mean, var = _ref(xs, ddof=1)
+            np.testing.assert_allclose(got[f"{key}/mean"], mean, rtol=RTOL, err_msg=key)
+            np.testing.assert_allclose(got[f"{key}/var"], var, rtol=RTOL, err_msg=key)
+            assert int(got[f"{key}/count"]) == count, key
