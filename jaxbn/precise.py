@@ -412,10 +412,12 @@ def _run(
             if first is None:
                 first = sig
             elif sig != first:
+                hint = ("; a tuple is read as a sequence of batches: pass stacked arrays as "
+                        "one array or a dict of arrays" if isinstance(batches, tuple) else "")
                 raise ValueError(
                     f"every batch must have the same shapes and dtypes (the forward pass is "
                     f"compiled once): batch 0 has {_describe(first)}, batch {i} has "
-                    f"{_describe(sig)}; drop or pad the incomplete last batch."
+                    f"{_describe(sig)}; drop or pad the incomplete last batch{hint}."
                 )
             pops, aux = _step(collect, mesh, names, pops, consts, _put(batch, mesh, P(names)))
         if first is None:

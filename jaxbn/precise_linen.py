@@ -33,7 +33,8 @@ COLLECTION = "precise_batch_stats"
 def _layer_moments(module: nn.Module, args: tuple, kwargs: dict, orig: Callable,
                    axis_name: Any) -> core.Moments | None:
     """The batch moments a BatchNorm call normalizes with; None if it uses running ones."""
-    bound = inspect.signature(orig).bind(*args, **kwargs)
+    sig = inspect.signature(orig)
+    bound = sig.bind(*args, **kwargs)
     ura = module.use_running_average
     if ura is None:
         ura = bound.arguments.get("use_running_average")
@@ -41,7 +42,7 @@ def _layer_moments(module: nn.Module, args: tuple, kwargs: dict, orig: Callable,
         return None  # frozen (or flax raises its own error for a missing mode)
     mask = bound.arguments.get("mask")
     m = core.moments(
-        bound.arguments["x"], axis=module.axis,
+        bound.arguments[next(iter(sig.parameters))], axis=module.axis,
         mask=None if mask is None else jnp.asarray(mask, dtype=bool),
         axis_name=module.axis_name, axis_index_groups=module.axis_index_groups,
         fast_variance=module.use_fast_variance,
