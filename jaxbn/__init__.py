@@ -21,6 +21,7 @@ from jaxbn.core import (
     normalize,
     update_stats,
 )
+from jaxbn.precise import precise_batch_stats
 from jaxbn.variants import batch_renorm, ghost_batch_norm
 
 __version__ = "0.1.0"
@@ -37,5 +38,6 @@ __all__ = [
     "init",
     "moments",
     "normalize",
+    "precise_batch_stats",
     "update_stats",
 ]
