@@ -53,13 +53,15 @@ pip_install "$wheel"
 cd "$work"  # nothing of the checkout on sys.path from here on
 "$py" - <<'EOF'
 import importlib.util
+import platform
 import jax.numpy as jnp
 import jaxbn
 y, _ = jaxbn.batch_norm(jnp.arange(6.0).reshape(3, 2), *jaxbn.init(2), training=True)
 assert jnp.allclose(y.mean(0), 0, atol=1e-6), y
 missing = [m for m in ("flax", "torch") if importlib.util.find_spec(m) is not None]
 assert not missing, f"expected no flax or torch in this environment, found {missing}"
-print(f"import jaxbn {jaxbn.__version__} without flax or torch: ok")
+print(f"import jaxbn {jaxbn.__version__} (Python {platform.python_version()}) "
+      "without flax or torch: ok")
 EOF
 
 step "the [$extras] extras and pytest"
