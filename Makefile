@@ -1,7 +1,9 @@
 # `make run`: set up and train the LeNet-BN on Fashion-MNIST.  `make test`: set up and run the tests.
-.PHONY: setup data run test lint bench
+# `make ci`: everything CI runs (tests, the installed-wheel check, the documentation build).
+.PHONY: setup data run test lint bench docs typecheck check-wheel ci
 PYTEST_ARGS ?=
 RUN_ARGS ?=
+SPHINX_ARGS ?=
 
 setup:
 	@scripts/setup.sh
@@ -13,8 +15,22 @@ run: setup data
 	.venv/bin/python -m train.lenet $(RUN_ARGS)
 
 test: setup data
-	.venv/bin/python -m ruff check jaxbn train tests benchmarks
+	.venv/bin/python -m ruff check jaxbn train tests benchmarks docs/conf.py
 	.venv/bin/python -m pytest $(PYTEST_ARGS)
+
+# The documentation site, warnings as errors: docs/_build/html/index.html.
+docs: setup
+	.venv/bin/python -m sphinx -b html -W --keep-going -q $(SPHINX_ARGS) docs docs/_build/html
+
+# mypy --strict on jaxbn/ (configuration: [tool.mypy] in pyproject.toml).
+typecheck: setup
+	.venv/bin/python -m mypy
+
+# Build the wheel, install it into a fresh venv outside the checkout, test the installed copy.
+check-wheel: setup
+	scripts/check_wheel.sh
+
+ci: test check-wheel docs
 
 bench: setup
 	.venv/bin/python -m benchmarks.bn
