@@ -1,5 +1,5 @@
 # `make run`: set up and train the LeNet-BN on Fashion-MNIST.  `make test`: set up and run the tests.
-.PHONY: setup data run test lint bench
+.PHONY: setup data run test lint bench bench-gpu
 PYTEST_ARGS ?=
 RUN_ARGS ?=
 
@@ -19,3 +19,8 @@ test: setup data
 bench: setup
 	.venv/bin/python -m benchmarks.bn
 	.venv/bin/python -m benchmarks.lenet
+	.venv/bin/python -m benchmarks.resnet
+
+# Needs no setup (the GPU machine may have no network): uses a Python that already has CUDA jax.
+bench-gpu:
+	@scripts/bench_gpu.sh $(BENCH_ARGS)
