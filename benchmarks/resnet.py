@@ -509,6 +509,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             t0 = time.perf_counter()
             rec = run_config(name, dtype_name, args, torch_mod, torch_dev, guard)
             records.append(rec)
+            # Written after every configuration: a run stopped by a time limit keeps the rest.
+            partial = {"meta": {**meta, "complete": False, "reliable": guard.reliable},
+                       "results": records}
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(partial, indent=1))
             print(f"  {name} {dtype_name}: jaxbn {rec['ms']['jaxbn']['median']:.1f} ms, "
                   f"time ratio /flax {rec['ratio']['flax']['median']:.3f}, temp "
                   f"{rec['temp_ratio']:.2f}x flax's  ({time.perf_counter() - t0:.0f} s)",
@@ -516,6 +521,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     meta["total_s"] = round(time.perf_counter() - t_start, 1)
     meta["guard"] = guard.report()
     meta["reliable"] = meta["guard"]["reliable"]
+    meta["complete"] = True
     data = {"meta": meta, "results": records}
     _write(data, args.json)
     return data
