@@ -1,6 +1,6 @@
 # `make run`: set up and train the LeNet-BN on Fashion-MNIST.  `make test`: set up and run the tests.
 # `make ci`: everything CI runs (tests, the installed-wheel check, the documentation build).
-.PHONY: setup data run test lint bench docs typecheck check-wheel ci
+.PHONY: setup data run test lint bench docs typecheck check-wheel ci bench-gpu
 PYTEST_ARGS ?=
 RUN_ARGS ?=
 SPHINX_ARGS ?=
@@ -35,3 +35,8 @@ ci: test check-wheel docs
 bench: setup
 	.venv/bin/python -m benchmarks.bn
 	.venv/bin/python -m benchmarks.lenet
+	.venv/bin/python -m benchmarks.resnet
+
+# Needs no setup (the GPU machine may have no network): uses a Python that already has CUDA jax.
+bench-gpu:
+	@scripts/bench_gpu.sh $(BENCH_ARGS)

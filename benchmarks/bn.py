@@ -33,9 +33,11 @@ one sample = the mean of ``inner`` back-to-back calls, ``inner`` chosen so a sam
 >= ``--sample-ms``). The ratio ``jaxbn / peer`` of a round compares the peer's sample with
 the mean of the two jaxbn samples around it (interleaved A/B pairs, which cancel a shared
 machine's drift); the tables give the median over rounds (the JSON also the quartiles).
-``torch_best`` is the torch layout with the lower median time. PyTorch runs with
-``OMP_WAIT_POLICY=PASSIVE`` (unless set otherwise), so that its idle OpenMP threads do not
-spin on the cores while the next implementation runs.
+``torch_best`` is the torch layout with the lower median time. Thread settings, the load
+guard (a result measured while another process competed for the CPU is marked
+``reliable: false`` with a warning), minor page faults per call and the machine's name come
+from :mod:`benchmarks.harness`: both sides use the same CPUs and thread count, and PyTorch's
+idle OpenMP threads are passive so that they do not spin while the next implementation runs.
 
 Memory, per shape and dtype, for jaxbn and both flax variants:
 
@@ -58,9 +60,7 @@ import argparse
 import functools
 import json
 import math
-import os
 import platform
-import random
 import statistics
 import sys
 import time
@@ -72,6 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxbn
+from benchmarks import harness
 
 SHAPES = [(128, 12, 12, 20), (128, 4, 4, 50), (256, 32, 32, 64), (64, 56, 56, 256)]
 QUICK_SHAPES = [(128, 12, 12, 20), (256, 32, 32, 64)]
@@ -182,11 +183,9 @@ def _torch_device(jax_platform: str):
     return None, None
 
 
-def _torch_impls(torch, device, shape, dtype_name, x_np, g_np, threads):
+def _torch_impls(torch, device, shape, dtype_name, x_np, g_np):
     """``{name: (fwd, fwdbwd)}`` zero-argument callables for both memory formats."""
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
-    if device == "cpu":
-        torch.set_num_threads(threads)
     n, h, w, c = shape
     # NHWC data -> logical NCHW tensor; the float32 array holds the bf16-rounded values.
     x_nchw = torch.from_numpy(np.ascontiguousarray(x_np.transpose(0, 3, 1, 2)))
@@ -237,55 +236,6 @@ def _block(out):
     return out
 
 
-def _calibrate(call, target_s: float, max_inner: int) -> int:
-    t0 = time.perf_counter()
-    call()
-    dt = max(time.perf_counter() - t0, 1e-6)
-    return int(max(1, min(max_inner, math.ceil(target_s / dt))))
-
-
-def _sample(call, inner: int) -> float:
-    t0 = time.perf_counter()
-    for _ in range(inner):
-        call()
-    return (time.perf_counter() - t0) / inner
-
-
-def _interleaved(calls: dict[str, Any], base: str, rounds: int, warmup: int, target_s: float,
-                 max_inner: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Per-call seconds of every callable, and ``base / peer`` ratios of adjacent samples.
-
-    Each round runs the peers in a fresh random order with a ``base`` sample before the
-    first, between any two and after the last (``B P1 B P2 ... Pk B``); each peer's ratio
-    compares it with the mean of the two ``base`` samples around it, which cancels drift on
-    the time scale of one sample.
-    """
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    inner = {k: _calibrate(c, target_s, max_inner) for k, c in calls.items()}
-    peers = [k for k in calls if k != base]
-    times = {k: [] for k in calls}
-    ratios = {k: [] for k in peers}
-    rng = random.Random(0)
-    for _ in range(rounds):
-        prev = _sample(calls[base], inner[base])
-        times[base].append(prev)
-        for k in rng.sample(peers, len(peers)):
-            t = _sample(calls[k], inner[k])
-            nxt = _sample(calls[base], inner[base])
-            times[k].append(t)
-            times[base].append(nxt)
-            ratios[k].append((prev + nxt) / 2 / t)
-            prev = nxt
-    return times, ratios
-
-
-def _quantile(v: list[float], q: float) -> float:
-    v = sorted(v)
-    return v[round(q * (len(v) - 1))]
-
-
 # ----------------------------------------------------------------------------------------
 # One configuration.
 
@@ -302,7 +252,7 @@ def _inputs(shape, dtype_name, seed=0):
     return x, p, s, g
 
 
-def run_config(shape, dtype_name, args, jax_impls, torch_mod, torch_dev, threads) -> dict:
+def run_config(shape, dtype_name, args, jax_impls, torch_mod, torch_dev, guard) -> dict:
     x, p, s, g = _inputs(shape, dtype_name)
     nbytes = x.size * x.dtype.itemsize
     rec: dict[str, Any] = {"shape": list(shape), "dtype": dtype_name, "bytes": nbytes}
@@ -320,7 +270,7 @@ def run_config(shape, dtype_name, args, jax_impls, torch_mod, torch_dev, threads
         x_np = np.asarray(x.astype(jnp.float32))
         g_np = np.asarray(g.astype(jnp.float32))
         for name, (tf, tfb) in _torch_impls(torch_mod, torch_dev, shape, dtype_name, x_np,
-                                            g_np, threads).items():
+                                            g_np).items():
             calls["fwd"][name] = tf
             calls["fwdbwd"][name] = tfb
     for d in calls.values():  # compile outside the timed rounds
@@ -329,10 +279,15 @@ def run_config(shape, dtype_name, args, jax_impls, torch_mod, torch_dev, threads
     rec["setup_s"] = round(time.perf_counter() - t0, 2)
 
     for mode in ("fwd", "fwdbwd"):
-        times, pair = _interleaved(calls[mode], "jaxbn", args.repeats, args.warmup,
-                                   args.sample_ms / 1e3, args.max_inner)
+        meas = harness.interleaved(calls[mode], "jaxbn", rounds=args.repeats,
+                                   warmup=args.warmup, sample_s=args.sample_ms / 1e3,
+                                   max_inner=args.max_inner, guard=guard,
+                                   label=f"{_fmt_shape(shape)} {dtype_name} {mode}")
+        times, pair = meas.times, meas.ratios
         med = {k: statistics.median(v) for k, v in times.items()}
         res: dict[str, Any] = {"median_ms": {k: v * 1e3 for k, v in med.items()}}
+        res["faults_per_call"] = {k: statistics.median(v) for k, v in meas.faults.items()}
+        res["reliable"] = all(f <= guard.max_foreign_cores for f in meas.foreign_cores)
         torch_names = [k for k in med if k.startswith("torch_")]
         if torch_names:
             best = min(torch_names, key=med.get)
@@ -340,7 +295,7 @@ def run_config(shape, dtype_name, args, jax_impls, torch_mod, torch_dev, threads
             pair["torch_best"] = pair[best]
         # jaxbn / peer, the median over rounds of the ratio to the adjacent jaxbn samples.
         res["ratio"] = {k: statistics.median(v) for k, v in pair.items()}
-        res["ratio_iqr"] = {k: [_quantile(v, 0.25), _quantile(v, 0.75)]
+        res["ratio_iqr"] = {k: [harness.quantile(v, 0.25), harness.quantile(v, 0.75)]
                             for k, v in pair.items()}
         # Memory-traffic floors from the copy's bandwidth (see the module docstring).
         tensors = 3 if mode == "fwd" else 8
@@ -380,14 +335,16 @@ def _mb(b):
     return f"{b / 2**20:.2f}"
 
 
-def print_table(records, out=sys.stdout):
+def print_table(records, out=sys.stdout, machine=None):
     impls = ["jaxbn", "flax_fast", "flax_2pass", "torch_nchw", "torch_cl", "copy"]
+    if machine:
+        print(f"\n# {harness.machine_name(machine)}", file=out)
     for mode in ("fwd", "fwdbwd"):
         print(f"\n== {mode}: median ms; j/peer = median of paired ratios jaxbn/peer; "
               f"floor = fraction of the {3 if mode == 'fwd' else 8}-tensor copy floor", file=out)
         head = (f"{'shape':>14} {'dtype':>8} | " + " ".join(f"{k:>10}" for k in impls)
                 + " | " + " ".join(f"{'j/' + k:>12}" for k in PEERS)
-                + f" | {'jaxbn floor':>11} {'jaxbn GB/s':>10}")
+                + f" | {'jaxbn floor':>11} {'jaxbn GB/s':>10} {'flt/call':>8} {'ok':>3}")
         print(head, file=out)
         print("-" * len(head), file=out)
         for r in records:
@@ -398,7 +355,9 @@ def print_table(records, out=sys.stdout):
                       for k in PEERS]
             print(f"{_fmt_shape(r['shape']):>14} {r['dtype']:>8} | " + " ".join(cells)
                   + " | " + " ".join(ratios)
-                  + f" | {m['floor_frac']['jaxbn']:11.2f} {m['GBps']['jaxbn']:10.1f}", file=out)
+                  + f" | {m['floor_frac']['jaxbn']:11.2f} {m['GBps']['jaxbn']:10.1f}"
+                  + f" {m['faults_per_call']['jaxbn']:8.0f} {'yes' if m['reliable'] else 'NO':>3}",
+                  file=out)
     if any(r["memory"] for r in records):
         mem_impls = ("jaxbn", "flax_fast", "flax_2pass")
         keys = ("temp_bytes", "vjp_temp_bytes", "residual_bytes", "residual_extra_bytes")
@@ -455,6 +414,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch")
     ap.add_argument("--no-torch-bf16", action="store_true", help="skip PyTorch in bfloat16")
     ap.add_argument("--no-memory", action="store_true", help="skip the memory analysis")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for both sides")
     args = ap.parse_args(argv)
     shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
     dtypes = args.dtypes.split(",") if args.dtypes else DTYPES
@@ -466,39 +426,39 @@ def main(argv=None) -> int:
     if args.sample_ms is None:
         args.sample_ms = 5.0 if args.quick else 20.0
 
-    # PyTorch's OpenMP threads otherwise spin for a while after each call, stealing the
-    # cores from whatever runs next (a JAX call, in the interleaved rounds). Takes effect
-    # only if set before torch is imported (it is imported below).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Before JAX's CPU backend starts and before torch is imported (below).
+    threads = harness.configure_threads(args.threads)
     dev = jax.devices()[0]
-    threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch_mod, torch_dev = (None, None) if args.no_torch else _torch_device(dev.platform)
     meta = {
+        "machine": harness.machine_info(), "threads": harness.thread_settings(threads),
         "device": str(dev), "platform": dev.platform,
         "device_kind": getattr(dev, "device_kind", ""), "cpu_threads": threads,
         "jax": jax.__version__, "python": platform.python_version(),
-        "machine": platform.machine(), "torch": getattr(torch_mod, "__version__", None),
+        "arch": platform.machine(), "torch": getattr(torch_mod, "__version__", None),
         "torch_device": torch_dev, "args": {k: (str(v) if isinstance(v, Path) else v)
                                             for k, v in vars(args).items() if k != "shapes"},
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-        "GLIBC_TUNABLES": os.environ.get("GLIBC_TUNABLES"),
         "copy_floor": f"jax.jit(lambda x: x * {COPY_FACTOR}) (read + write, fresh output)",
     }
+    if torch_dev == "cpu":
+        meta["threads"].update(harness.pin_torch(torch_mod, threads))
     try:
         import flax
         meta["flax"] = flax.__version__
     except ImportError:  # pragma: no cover
         pass
-    print(f"# device {dev.platform}:{meta['device_kind']}  threads {threads}  jax {jax.__version__}"
+    print(f"# {harness.machine_name(meta['machine'])}  threads {threads}  jax {jax.__version__}"
           f"  flax {meta.get('flax')}  torch {meta['torch']} ({torch_dev})", flush=True)
 
     jax_impls = _jax_impls()
+    guard = harness.LoadGuard()
+    meta["probe"] = guard.probe()
     records = []
     t_start = time.perf_counter()
     for shape in shapes:
         for dtype_name in dtypes:
             t0 = time.perf_counter()
-            rec = run_config(shape, dtype_name, args, jax_impls, torch_mod, torch_dev, threads)
+            rec = run_config(shape, dtype_name, args, jax_impls, torch_mod, torch_dev, guard)
             records.append(rec)
             r = rec["fwdbwd"]["ratio"]
             print(f"  {_fmt_shape(shape)} {dtype_name}: fwdbwd jaxbn "
@@ -506,7 +466,11 @@ def main(argv=None) -> int:
                   + ", ".join(f"/{k} {v:.2f}" for k, v in r.items())
                   + f"  ({time.perf_counter() - t0:.0f} s)", flush=True)
     meta["total_s"] = round(time.perf_counter() - t_start, 1)
-    print_table(records)
+    meta["guard"] = guard.report()
+    meta["reliable"] = meta["guard"]["reliable"]
+    print_table(records, machine=meta["machine"])
+    print(f"# reliable={meta['reliable']} (other processes' CPU use, max "
+          f"{meta['guard']['foreign_cores_max']:.2f} cores)")
     print(f"\n# total {meta['total_s']} s", flush=True)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "results": records}, indent=1))
