@@ -261,36 +261,23 @@ def _conv_valid_cpu_fwd(x, kernel):
 
 def _conv_valid_cpu_bwd(res, g):
     x, kernel = res
-    kh, kw, c, o = kernel.shape
-    b, h, w, _ = x.shape
+    h, w = x.shape[1:3]
     n = _chunks_for(x, kernel)
-    # Kernel gradient: per-chunk matmuls accumulated in a scan.  The input
-    # gradient is a separate loop so that, when unused (first layer), dead code
+    # Kernel gradient: per-chunk matmuls accumulated in a scan, which starts from the first
+    # chunk's (so the carry has the data's type, shard_map's varying axes included). The
+    # input gradient is a separate loop so that, when unused (first layer), dead code
     # elimination removes it whole.
     if n == 1:
         dk = _dk_chunk(x, g, kernel)
     else:
+        xs, gs = _split(x, n), _split(g, n)
+
         def body(acc, xg):
             return acc + _dk_chunk(xg[0], xg[1], kernel), None
 
-        zero = jnp.zeros((kh * kw * c, o), jnp.result_type(x, g))
-        vary = tuple(sorted(_varying_axes(x) | _varying_axes(g), key=str))
-        if vary:  # under shard_map the carry varies like the data it accumulates
-            zero = lax.pcast(zero, vary, to="varying")
-        dk, _ = lax.scan(body, zero, (_split(x, n), _split(g, n)))
-    # A kernel replicated over shard_map axes along which x varies (P() specs) gets the sum
-    # of the per-device kernel gradients, as autodiff of a replicated parameter would.
-    extra = tuple(sorted(_varying_axes(x) - _varying_axes(kernel), key=str))
-    if extra:
-        dk = lax.psum(dk, extra)
+        dk, _ = lax.scan(body, _dk_chunk(xs[0], gs[0], kernel), (xs[1:], gs[1:]))
     dx = _map_chunks(lambda gc: _input_grad(gc, kernel, h, w), g, n)
     return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
-
-
-def _varying_axes(a: jax.Array) -> frozenset:
-    """The shard_map axes along which ``a`` varies (empty outside shard_map)."""
-    mat = getattr(jax.typeof(a), "mat", None)
-    return frozenset(getattr(mat, "varying", ()))
 
 
 _conv_valid_cpu.defvjp(_conv_valid_cpu_fwd, _conv_valid_cpu_bwd)
@@ -302,6 +289,11 @@ def _conv_cpu(x: jax.Array, kernel: jax.Array, pads: tuple[tuple[int, int], ...]
     if any(p for pair in pads for p in pair):
         zero = jnp.zeros((), x.dtype)
         x = lax.pad(x, zero, ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+    # Under shard_map, give the kernel every axis along which x varies (adding a zero of x's
+    # type; outside shard_map, a no-op that XLA removes). The custom VJP's kernel cotangent,
+    # which varies like x, then has the kernel's type, and for a replicated kernel (P()
+    # specs) autodiff sums the per-device gradients, as it would for lax's convolution.
+    kernel = kernel + jnp.zeros_like(x, shape=())
     return _conv_valid_cpu(x, kernel)
 
 
