@@ -39,6 +39,9 @@ import numpy as np
 from jax import lax
 
 from jaxbn import BatchNormParams, BatchStats, fold, interop
+from train import data
+from train.checkpoints import read_checkpoint
+from train.model import ACTIVATIONS, BN_POSITIONS, NORMS, LeNet
 
 __all__ = [
     "FORMAT",
@@ -52,11 +55,6 @@ __all__ = [
 
 #: Written into the architecture JSON; :func:`load_folded` checks it.
 FORMAT = "jaxbn-folded-lenet-v1"
-_ACTIVATIONS: Mapping[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu,
-    "sigmoid": jax.nn.sigmoid,
-    "tanh": jnp.tanh,
-}
 _STAGES = (("conv1", "bn1", "affine1"), ("conv2", "bn2", "affine2"))
 
 
@@ -78,7 +76,7 @@ def folded_apply(folded: Mapping[str, Any], x: jax.typing.ArrayLike, *,
     Returns:
       ``(B, num_classes)`` logits.
     """
-    act = _ACTIVATIONS[activation]
+    act = ACTIVATIONS[activation]
     x = jnp.asarray(x)
     for conv, _, affine in _STAGES:
         x = lax.conv_general_dilated(x, folded[conv]["kernel"], (1, 1), "VALID",
@@ -149,9 +147,8 @@ def export_folded(
     position = kw.get("bn_position", "before_relu")
     activation = kw.get("activation", "relu")
     epsilon = float(kw.get("epsilon", 1e-5))
-    for field, value, choices in (("norm", norm, ("jaxbn", "flax", "none")),
-                                  ("bn_position", position, ("before_relu", "after_relu")),
-                                  ("activation", activation, tuple(_ACTIVATIONS))):
+    for field, value, choices in (("norm", norm, NORMS), ("bn_position", position, BN_POSITIONS),
+                                  ("activation", activation, tuple(ACTIVATIONS))):
         if value not in choices:
             raise ValueError(f"model_kwargs[{field!r}]: expected one of {choices}, got "
                              f"{value!r}.")
@@ -275,30 +272,6 @@ def _find_variables(tree: Any) -> dict[str, Any] | None:
     return None
 
 
-def _as_dict(tree: Any) -> Any:
-    if isinstance(tree, Mapping) or (hasattr(tree, "items") and hasattr(tree, "keys")):
-        return {k: _as_dict(v) for k, v in tree.items()}
-    return tree
-
-
-def _quiet_restore(manager: Any, step: int) -> Any:
-    """``manager.restore(step)`` without naming the items' types.
-
-    Orbax then restores every item it can infer (here all of them) and logs a warning per
-    item and call that it "could not be restored" without arguments; the warnings are
-    silenced, since a missing item is diagnosed below anyway.
-    """
-    import logging
-
-    log = logging.getLogger("absl")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        return manager.restore(step)
-    finally:
-        log.setLevel(level)
-
-
 def load_checkpoint(
     workdir: str | Path, step: int | None = None
 ) -> tuple[dict[str, Any], int, dict[str, Any]]:
@@ -307,44 +280,36 @@ def load_checkpoint(
     ``python -m train.lenet`` saves a composite item: ``state`` (``{'state': TrainState as a
     dict, 'rng': ...}``) and ``meta`` (JSON with the run's ``config``). The loader does not
     insist on that layout: it takes the first mapping with ``params`` (and ``batch_stats``)
-    anywhere in the restored tree, and ``meta`` when there is one.
+    anywhere in the restored tree (:func:`train.checkpoints.read_checkpoint`), and ``meta``
+    when there is one.
 
     Args:
-      workdir: the training run's directory.
-      step: the step to restore; default the latest.
+        workdir: The training run's directory.
+        step: The step to restore; default the latest.
 
     Returns:
-      ``(variables, step, meta)``, ``meta`` empty when the checkpoint has none.
+        ``(variables, step, meta)``, ``meta`` empty when the checkpoint has none.
 
     Raises:
-      ValueError: no checkpoint, or none with ``params`` in it.
+        ValueError: No checkpoint, a damaged one, or none with ``params`` in it.
     """
-    import orbax.checkpoint as ocp  # Lazy: only this loader needs orbax.
-
-    directory = Path(workdir).absolute() / "checkpoints"
-    if not directory.is_dir():
-        raise ValueError(f"expected orbax checkpoints in {directory}, found no such directory.")
-    with ocp.CheckpointManager(directory) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise ValueError(f"expected at least one checkpoint in {directory}, found none.")
-        restored = _as_dict(_quiet_restore(manager, step))
-    meta = restored.pop("meta", {}) if isinstance(restored, dict) else {}
-    variables = _find_variables(restored)
+    step, items = read_checkpoint(workdir, step)
+    meta = items.pop("meta", {})
+    variables = _find_variables(items)
     if variables is None:
-        keys = sorted(restored) if isinstance(restored, dict) else type(restored).__name__
         raise ValueError(
-            f"checkpoint {directory / str(step)} holds no 'params': expected LeNet variables "
-            f"({{'params': ..., 'batch_stats': ...}}), got top-level keys {keys}."
+            f"checkpoint {Path(workdir).absolute() / 'checkpoints' / str(step)} holds no "
+            f"'params': expected LeNet variables ({{'params': ..., 'batch_stats': ...}}), got "
+            f"top-level keys {sorted(items)}."
         )
-    return jax.tree.map(np.asarray, variables), int(step), dict(meta or {})
+    return variables, step, dict(meta or {})
 
 
 # ----------------------------------------------------------------------------------------
 # Command line.
 
 
-#: Options of ``train.lenet.Config`` that are LeNet options, with LeNet's names.
+#: Options of :class:`train.config.Config` that are LeNet options, with LeNet's names.
 _CONFIG_TO_MODEL = {"norm": "norm", "bn_position": "bn_position", "activation": "activation",
                     "bn_momentum": "momentum", "conv": "conv"}
 
@@ -367,16 +332,7 @@ def _input_stats(meta: Mapping[str, Any], args: argparse.Namespace) -> tuple[flo
     config = meta.get("config", {}) if isinstance(meta, Mapping) else {}
     if "dataset" not in config:
         return 0.0, 1.0  # Not a train.lenet checkpoint: no standardization known.
-    from train import lenet  # As train.lenet computes it.
-
-    known = getattr(lenet, "PIXEL_STATS", {})
-    if config["dataset"] in known:
-        return tuple(map(float, known[config["dataset"]]))  # type: ignore[return-value]
-    from train import data
-
-    ds = data.load_dataset(config["dataset"], config.get("data_dir"))
-    pixels = ds.train_images.astype(np.float64) / 255.0
-    return float(pixels.mean()), float(pixels.std())
+    return data.pixel_stats(config["dataset"], config.get("data_dir"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -386,11 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="training run directory")
     parser.add_argument("--out", required=True, help="output .npz (a .json goes beside it)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")
-    parser.add_argument("--norm", choices=("jaxbn", "flax", "none"), default=None,
+    parser.add_argument("--norm", choices=NORMS, default=None,
                         help="override the checkpoint's config")
-    parser.add_argument("--bn-position", choices=("before_relu", "after_relu"), default=None,
+    parser.add_argument("--bn-position", choices=BN_POSITIONS, default=None,
                         help="override the checkpoint's config")
-    parser.add_argument("--activation", choices=tuple(_ACTIVATIONS), default=None,
+    parser.add_argument("--activation", choices=tuple(ACTIVATIONS), default=None,
                         help="override the checkpoint's config")
     parser.add_argument("--epsilon", type=float, default=None, help="BN epsilon (1e-5)")
     parser.add_argument("--input-mean", type=float, default=None,
@@ -410,9 +366,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(x - {mean:g}) / {std:g} is folded into conv1)" if (mean, std) != (0.0, 1.0)
             else "float32 NHWC images, as the trained model's input")
     npz, path = save_folded(args.out, folded, kwargs, input_note=note)
-
-    from train.model import LeNet
-
     # Check against the unfolded model. Both conv implementations share the variables, and
     # inference never synchronizes, so the plain flax conv and no axis name will do.
     x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (64, 28, 28, 1)), jnp.float32)
