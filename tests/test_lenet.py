@@ -21,6 +21,7 @@ from train import train as train_loop
 from train import workdir as workdir_mod
 from train.checkpoints import load_checkpoint
 from train.errors import EXIT_CODES, EXIT_INTERRUPTED, DivergedError
+from train.metrics import TIME_FIELDS
 
 REAL_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 N_TRAIN, N_TEST, BATCH = 256, 72, 32
@@ -259,14 +260,28 @@ def test_ctrl_c_keeps_a_loadable_checkpoint(straight, idx_dir, tmp_path, monkeyp
     _same_metrics(resumed, result)
 
 
-def test_interrupt_mid_epoch_then_resume_mid_epoch(straight, idx_dir, tmp_path):
-    """A checkpoint in the middle of an epoch (--max-steps) resumes at the same batch."""
-    result, _, straight_dir = straight
+def test_interrupt_mid_epoch_then_resume_mid_epoch(straight, idx_dir, tmp_path, capsys):
+    """A checkpoint in the middle of an epoch (--max-steps) resumes at the same batch, with
+    the epoch's running sums: the final line and the last metrics row are those of an
+    uninterrupted run in every field but time and paths."""
+    result, lines, straight_dir = straight
     workdir = tmp_path / "w"
     lenet.main(_args(idx_dir, workdir, "--max-steps", STEPS_PER_EPOCH + 3))
-    resumed = lenet.main(_args(idx_dir, workdir, "--resume"))
-    for key in ("step", "test_loss", "test_accuracy"):
-        assert resumed[key] == result[key], key
+    capsys.readouterr()
+    lenet.main(_args(idx_dir, workdir, "--resume"))
+    out = capsys.readouterr().out
+    assert f"resumed from {workdir / 'checkpoints' / str(STEPS_PER_EPOCH + 3)}" in out
+
+    def untimed(line):
+        return re.sub(r" (seconds|workdir|checkpoint|metrics|plot)=\S+", "", line)
+
+    assert untimed(out.splitlines()[-1]) == untimed(lines[-1])
+    rows = [json.loads(r) for r in (workdir / "metrics.jsonl").read_text().splitlines()]
+    want = json.loads((straight_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in want.keys() - set(TIME_FIELDS):
+        assert rows[-1][key] == want[key], key
+    assert [r["step"] for r in rows] == [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 3,
+                                         2 * STEPS_PER_EPOCH]
     _same_params(workdir, straight_dir, rtol=0, atol=0)
 
 

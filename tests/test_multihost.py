@@ -35,6 +35,8 @@ from tests import multihost_worker as worker
 from tests.synthetic import learnable_images
 from train import distributed, idx, lenet
 from train.checkpoints import load_checkpoint
+from train.errors import WorkdirBusyError
+from train.workdir import WorkdirLock
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(worker.__file__).resolve()
@@ -525,3 +527,18 @@ def test_killed_training_process_fails_the_other_then_resume_works(
         np.testing.assert_allclose(rows[-1][key], expected[-1][key], rtol=1e-6, err_msg=key)
     finals = _finals(resumed_dir)
     assert finals[0] == finals[1] == _finals(two_process_training[2])[0]
+
+
+def test_two_processes_refuse_a_busy_workdir(idx_dir, tmp_path):
+    """Process 0 takes the workdir's lock for the run; when another run holds it, both
+    processes exit with status 3, and nothing in the workdir is touched."""
+    workdir = tmp_path / "w"
+    with WorkdirLock(workdir):
+        procs = _start_lenet(tmp_path, _lenet_args(idx_dir, workdir, "--max-steps", 2))
+        codes = [_finish(p, TRAIN_LIMIT_S)[0] for p in procs]
+    logs = [_log(tmp_path, f"p{i}") for i in range(2)]
+    assert codes == [WorkdirBusyError.exit_code] * 2, logs
+    assert f"error: --workdir {workdir} is in use by another run (pid {os.getpid()} on host " \
+           f"{socket.gethostname()}" in logs[0], logs[0]
+    assert f"error: process 0 could not lock --workdir {workdir}" in logs[1], logs[1]
+    assert sorted(p.name for p in workdir.iterdir()) == [".lock"]

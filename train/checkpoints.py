@@ -25,6 +25,8 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -57,23 +59,37 @@ DAMAGED = "damaged"
 #: Orbax writes a checkpoint into ``<step>.orbax-checkpoint-tmp*`` and renames it when done.
 _UNFINISHED = "*.orbax-checkpoint-tmp*"
 _MAX_REASON_CHARS = 300
+#: How long a failed save's other writes may take to end before its files are removed.
+_WRITES_TIMEOUT_S = 120
 
 
 @contextlib.contextmanager
 def quiet_orbax(debug: bool = False) -> Iterator[None]:
     """Silences Orbax's log (absl), which prints tracebacks of errors reported anyway.
 
+    Also drops the "Event loop is closed" errors that follow a failed restore: TensorStore
+    then completes the reads still in flight on the event loop Orbax has already closed,
+    which is harmless but prints a traceback per read.
+
     Args:
-        debug: Keep the log (``--debug``).
+        debug: Keep the log and those errors (``--debug``).
     """
-    log = logging.getLogger("absl")
+    log, previous_hook = logging.getLogger("absl"), sys.unraisablehook
     level = log.level
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous_hook(unraisable)
+
     if not debug:
         log.setLevel(logging.CRITICAL)
+        sys.unraisablehook = hook
     try:
         yield
     finally:
         log.setLevel(level)
+        sys.unraisablehook = previous_hook
 
 
 def checksum(tree: Any, meta: Mapping[str, Any]) -> str:
@@ -153,6 +169,18 @@ class Checkpoints:
             shutil.rmtree(path, ignore_errors=True)
         return found
 
+    def _give_up(self) -> None:
+        """After a failed save: lets Orbax's other writes of it end (they would recreate
+        the unfinished directory), stops Orbax and removes what the save left."""
+        self._failed = True
+        for thread in threading.enumerate():
+            if type(thread).__module__.startswith("orbax.") and thread.is_alive():
+                thread.join(_WRITES_TIMEOUT_S)
+        with contextlib.suppress(Exception):  # Orbax raises the save's error again.
+            self.manager.close()
+        if self.main:
+            self._remove_unfinished()
+
     @contextlib.contextmanager
     def _saving(self, step: int) -> Iterator[None]:
         """Turns a failed save into a :class:`StorageError`, after removing what it left."""
@@ -162,9 +190,7 @@ class Checkpoints:
             cause = os_error_cause(e)
             if cause is None:
                 raise
-            self._failed = True
-            if self.main:
-                self._remove_unfinished()
+            self._give_up()
             raise StorageError(f"cannot save checkpoint {self.path(step)}: {cause}") from e
 
     def save(self, state: Any, rng: jax.Array, meta: dict[str, Any]) -> Path:
@@ -197,22 +223,15 @@ class Checkpoints:
         with self._saving(step):
             self.manager.wait_until_finished()
         if self.main and not self.path(step).is_dir():  # Orbax logged the reason only.
-            self._failed = True
-            self._remove_unfinished()
+            self._give_up()
             raise StorageError(f"cannot save checkpoint {self.path(step)}: it was not "
                                "completed (run with --debug to see Orbax's log)")
 
     def close(self) -> None:
         """Waits for the save in progress and releases Orbax's resources."""
-        if self._failed:  # Orbax would raise the same error again.
-            with contextlib.suppress(Exception):
-                self.manager.close()
-            return
-        try:
-            self.wait()
-        finally:
-            with contextlib.suppress(Exception) if self._failed else contextlib.nullcontext():
-                self.manager.close()
+        self.wait()
+        if not self._failed:  # Else already closed.
+            self.manager.close()
 
     def _restore(self, step: int, state: Any, rng: jax.Array,
                  check: Callable[[dict[str, Any], Path], None]) -> tuple[Any, jax.Array, dict]:

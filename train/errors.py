@@ -121,7 +121,7 @@ def exit_codes_help() -> str:
                                         EXIT_CODES.items())
 
 
-_OS_ERROR_CODE = re.compile(r"os_error_code=(\d+)")
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")
 
 
 def os_error_cause(error: BaseException) -> str | None:
@@ -137,7 +137,7 @@ def os_error_cause(error: BaseException) -> str | None:
         ``"No space left on device (ENOSPC)"`` and the like, or ``None``.
 
     Example:
-        >>> os_error_cause(ValueError("Failed writing: ... [os_error_code=28]"))
+        >>> os_error_cause(ValueError("Failed writing: ... [os_error_code='28']"))
         'No space left on device (ENOSPC)'
         >>> os_error_cause(KeyError("x")) is None
         True

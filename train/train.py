@@ -182,11 +182,10 @@ def _archive(workdir: Path, config: Config) -> bool:
         unfinished = [p.name for p in unfinished_saves(checkpoints)]
         moved = archive_previous_run(workdir, config.resume)
         if moved is not None:
+            note = f" (with an unfinished save, {', '.join(unfinished)})" if unfinished else ""
             what = ", ".join(
-                f"checkpoints {checkpoint_steps(moved / name)}" if name == "checkpoints"
+                f"checkpoints {checkpoint_steps(moved / name)}{note}" if name == "checkpoints"
                 else name for name in OUTPUTS if (moved / name).exists())
-            if unfinished:
-                what += f" (with an unfinished save, {', '.join(unfinished)})"
             first = (f"--resume: no checkpoint to resume from in {checkpoints}; starting "
                      "from scratch" if config.resume else "starting from scratch")
             print(f"{first}: moved the previous run's {what} to {moved}"
