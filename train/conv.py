@@ -71,15 +71,15 @@ def _pairs(padding: PaddingLike, kernel_hw: tuple[int, int]) -> tuple[tuple[int,
     """Returns explicit ``((lo, hi), (lo, hi))`` padding for stride 1.
 
     Args:
-      padding: ``'VALID'``, ``'SAME'``, an int (same on all sides), or a length-2
-        sequence of ints or ``(lo, hi)`` pairs, as accepted by ``flax.linen.Conv``.
-      kernel_hw: ``(KH, KW)``.
+        padding: ``'VALID'``, ``'SAME'``, an int (same on all sides), or a length-2
+            sequence of ints or ``(lo, hi)`` pairs, as accepted by ``flax.linen.Conv``.
+        kernel_hw: ``(KH, KW)``.
 
     Returns:
-      A tuple of two ``(lo, hi)`` pairs.
+        A tuple of two ``(lo, hi)`` pairs.
 
     Raises:
-      ValueError: on an unsupported padding specification.
+        ValueError: on an unsupported padding specification.
     """
     if isinstance(padding, str):
         mode = padding.upper()
@@ -314,18 +314,18 @@ def conv2d(
     ``jax.jvp`` does not on CPU).  On other backends it is exactly the ``lax`` call.
 
     Args:
-      x: input, ``(batch, height, width, in_channels)``.
-      kernel: ``(kernel_h, kernel_w, in_channels, out_channels)``.
-      bias: optional ``(out_channels,)``, added to every output pixel.
-      padding: ``'VALID'`` (default), ``'SAME'``, an int (applied to every side),
-        or two ints / two ``(low, high)`` pairs for height and width, as in
-        ``flax.linen.Conv``.
+        x: input, ``(batch, height, width, in_channels)``.
+        kernel: ``(kernel_h, kernel_w, in_channels, out_channels)``.
+        bias: optional ``(out_channels,)``, added to every output pixel.
+        padding: ``'VALID'`` (default), ``'SAME'``, an int (applied to every side),
+            or two ints / two ``(low, high)`` pairs for height and width, as in
+            ``flax.linen.Conv``.
 
     Returns:
-      ``(batch, out_height, out_width, out_channels)``.
+        ``(batch, out_height, out_width, out_channels)``.
 
     Raises:
-      ValueError: on mismatched shapes or an unsupported padding.
+        ValueError: on mismatched shapes or an unsupported padding.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -376,15 +376,15 @@ class Conv(nn.Module):
     Inputs may carry several leading batch dimensions or none, as in flax.
 
     Attributes:
-      features: number of output channels.
-      kernel_size: ``(kh, kw)``.
-      padding: ``'SAME'`` (flax's default), ``'VALID'``, an int, or two ints /
-        ``(low, high)`` pairs.
-      use_bias: whether to add a learned bias.
-      dtype: computation dtype (default: inferred from inputs and params).
-      param_dtype: dtype of the parameters.
-      kernel_init: kernel initialiser.
-      bias_init: bias initialiser.
+        features: number of output channels.
+        kernel_size: ``(kh, kw)``.
+        padding: ``'SAME'`` (flax's default), ``'VALID'``, an int, or two ints /
+            ``(low, high)`` pairs.
+        use_bias: whether to add a learned bias.
+        dtype: computation dtype (default: inferred from inputs and params).
+        param_dtype: dtype of the parameters.
+        kernel_init: kernel initialiser.
+        bias_init: bias initialiser.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -411,10 +411,10 @@ class Conv(nn.Module):
         """Applies the convolution.
 
         Args:
-          inputs: ``(*batch_dims, height, width, in_features)``.
+            inputs: ``(*batch_dims, height, width, in_features)``.
 
         Returns:
-          ``(*batch_dims, out_height, out_width, features)``.
+            ``(*batch_dims, out_height, out_width, features)``.
         """
         if isinstance(self.kernel_size, int) or len(self.kernel_size) != 2:
             # flax.linen.Conv reads an int as a 1-D kernel; this module is 2-D only.

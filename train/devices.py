@@ -41,8 +41,8 @@ def ensure_devices(n: int) -> list[jax.Device]:
             or ``n`` does not divide over the processes; the message says how to fix it.
 
     Example:
-        >>> len(ensure_devices(2))
-        2
+        >>> len(ensure_devices(1))
+        1
     """
     processes = distributed.planned_process_count()
     if n % processes:
@@ -84,8 +84,8 @@ def select_devices(n: int | None = None) -> list[jax.Device]:
             ``n / process_count`` devices; the message says how many each has.
 
     Example:
-        >>> [d.id for d in select_devices(2)]
-        [0, 1]
+        >>> [d.id for d in select_devices(1)]
+        [0]
     """
     processes = jax.process_count()
     by_process: dict[int, list[jax.Device]] = {}

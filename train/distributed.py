@@ -124,10 +124,11 @@ def backends_initialized() -> bool:
     moved, the answer is True (the cautious one: too late to configure anything).
 
     Returns:
-      True once anything touched the devices (``jax.devices()``, a computation).
+        True once anything touched the devices (``jax.devices()``, a computation).
 
-    >>> _ = jax.devices(); backends_initialized()
-    True
+    Example:
+        >>> _ = jax.devices(); backends_initialized()
+        True
     """
     try:
         from jax._src import xla_bridge
@@ -230,32 +231,33 @@ def initialize(
     ``timeout_s``.
 
     Args:
-      coordinator_address: ``host:port`` of process 0, reachable from every process.
-      num_processes: total number of processes.
-      process_id: this process's id in ``0 .. num_processes - 1``; 0 runs the coordinator.
-      local_device_count: number of CPU devices this process exposes (sets
-        ``jax_num_cpu_devices``, overriding ``--xla_force_host_platform_device_count``);
-        ``None`` keeps JAX's default. Ignored by GPU and TPU backends.
-      timeout_s: seconds to wait for the coordinator to accept connections and for every
-        process to join; default ``JAXBN_TIMEOUT_S``, else 30.
-      heartbeat_timeout_s: seconds without a heartbeat after which a process counts as
-        dead; default ``JAXBN_HEARTBEAT_TIMEOUT_S``, else 15.
-      shutdown_timeout_s: seconds a process waits at exit for the others to finish too;
-        default ``JAXBN_SHUTDOWN_TIMEOUT_S``, else 120.
+        coordinator_address: ``host:port`` of process 0, reachable from every process.
+        num_processes: total number of processes.
+        process_id: this process's id in ``0 .. num_processes - 1``; 0 runs the coordinator.
+        local_device_count: number of CPU devices this process exposes (sets
+            ``jax_num_cpu_devices``, overriding ``--xla_force_host_platform_device_count``);
+            ``None`` keeps JAX's default. Ignored by GPU and TPU backends.
+        timeout_s: seconds to wait for the coordinator to accept connections and for every
+            process to join; default ``JAXBN_TIMEOUT_S``, else 30.
+        heartbeat_timeout_s: seconds without a heartbeat after which a process counts as
+            dead; default ``JAXBN_HEARTBEAT_TIMEOUT_S``, else 15.
+        shutdown_timeout_s: seconds a process waits at exit for the others to finish too;
+            default ``JAXBN_SHUTDOWN_TIMEOUT_S``, else 120.
 
     Returns:
-      True if a multi-process runtime is running (started now or before), False for a
-      single process.
+        True if a multi-process runtime is running (started now or before), False for a
+        single process.
 
     Raises:
-      ValueError: an environment variable is not an integer, the address is not
-        ``host:port``, ``process_id`` is out of range, or only some of the three settings
-        were given and no cluster environment supplies the rest.
-      CoordinatorUnreachableError: nothing listened at the coordinator address in time.
-      RuntimeError: JAX had already started (called too late).
+        ValueError: an environment variable is not an integer, the address is not
+            ``host:port``, ``process_id`` is out of range, or only some of the three settings
+            were given and no cluster environment supplies the rest.
+        CoordinatorUnreachableError: nothing listened at the coordinator address in time.
+        RuntimeError: JAX had already started (called too late).
 
-    >>> initialize(num_processes=1)  # one process: nothing to start
-    False
+    Example:
+        >>> initialize(num_processes=1)  # one process: nothing to start
+        False
     """
     if jax.distributed.is_initialized():
         return True
@@ -378,11 +380,12 @@ def planned_process_count() -> int:
     starting the backends, too late to choose the number of fake CPU devices per process.
 
     Returns:
-      ``num_processes`` of the joined run; else :func:`jax.process_count` if the backends
-      have started; else 1.
+        ``num_processes`` of the joined run; else :func:`jax.process_count` if the backends
+        have started; else 1.
 
-    >>> planned_process_count()
-    1
+    Example:
+        >>> planned_process_count()
+        1
     """
     if jax.distributed.is_initialized():
         try:
@@ -425,8 +428,9 @@ def broadcast_from_main(value: int) -> int:
 def is_main_process() -> bool:
     """True on process 0: the one that prints, writes metrics, plots and logs.
 
-    >>> is_main_process()
-    True
+    Example:
+        >>> is_main_process()
+        True
     """
     return jax.process_index() == 0
 
@@ -465,21 +469,22 @@ def process_batch_slice(
     """The rows of a global batch that this process loads and feeds.
 
     Args:
-      global_batch_size: rows of the global batch, divisible by the number of devices
-        along ``axis_name``.
-      mesh: the mesh the batch is sharded over (default :func:`global_mesh`).
-      axis_name: the mesh axis the batch's first dimension is sharded along.
+        global_batch_size: rows of the global batch, divisible by the number of devices
+            along ``axis_name``.
+        mesh: the mesh the batch is sharded over (default :func:`global_mesh`).
+        axis_name: the mesh axis the batch's first dimension is sharded along.
 
     Returns:
-      ``slice(start, stop)``: this process's contiguous block of rows, of length
-      ``global_batch_size / jax.process_count()`` for a mesh over all devices.
+        ``slice(start, stop)``: this process's contiguous block of rows, of length
+        ``global_batch_size / jax.process_count()`` for a mesh over all devices.
 
     Raises:
-      ValueError: the batch does not divide over the devices, or this process's rows are
-        not contiguous in ``mesh`` (build it with :func:`global_mesh`).
+        ValueError: the batch does not divide over the devices, or this process's rows are
+            not contiguous in ``mesh`` (build it with :func:`global_mesh`).
 
-    >>> process_batch_slice(8)  # one process holds every row
-    slice(0, 8, None)
+    Example:
+        >>> process_batch_slice(8)  # one process holds every row
+        slice(0, 8, None)
     """
     mesh = global_mesh(axis_name=axis_name) if mesh is None else mesh
     n = mesh.shape[axis_name]

@@ -67,14 +67,14 @@ def folded_apply(folded: Mapping[str, Any], x: jax.typing.ArrayLike, *,
     """Runs a folded LeNet: two ``conv -> max_pool -> [affine] -> act`` stages, two dense.
 
     Args:
-      folded: arrays from :func:`export_folded` or :func:`load_folded`: ``conv1``, ``conv2``,
-        ``fc1``, ``fc2`` (each ``{'kernel', 'bias'}``), and optionally ``affine1``/``affine2``
-        (each ``{'scale', 'shift'}``) for stages whose BN could not be folded.
-      x: ``(B, 28, 28, 1)`` float images, preprocessed as for the trained model.
-      activation: ``'relu'``, ``'sigmoid'`` or ``'tanh'``, as the trained model.
+        folded: arrays from :func:`export_folded` or :func:`load_folded`: ``conv1``, ``conv2``,
+            ``fc1``, ``fc2`` (each ``{'kernel', 'bias'}``), and optionally ``affine1``/``affine2``
+            (each ``{'scale', 'shift'}``) for stages whose BN could not be folded.
+        x: ``(B, 28, 28, 1)`` float images, preprocessed as for the trained model.
+        activation: ``'relu'``, ``'sigmoid'`` or ``'tanh'``, as the trained model.
 
     Returns:
-      ``(B, num_classes)`` logits.
+        ``(B, num_classes)`` logits.
     """
     act = ACTIVATIONS[activation]
     x = jnp.asarray(x)
@@ -127,20 +127,20 @@ def export_folded(
     """Folds a LeNet's BatchNorm layers (and its input standardization) away for inference.
 
     Args:
-      variables: ``{'params': ..., 'batch_stats': ...}`` of :class:`train.model.LeNet`.
-      model_kwargs: the LeNet's constructor arguments; ``norm``, ``bn_position``,
-        ``activation`` and ``epsilon`` matter (defaults as in LeNet). Other keys are ignored.
-      input_mean: the model was trained on ``(x - input_mean) / input_std``; the folded
-        model takes ``x`` itself.
-      input_std: see ``input_mean``; > 0.
+        variables: ``{'params': ..., 'batch_stats': ...}`` of :class:`train.model.LeNet`.
+        model_kwargs: the LeNet's constructor arguments; ``norm``, ``bn_position``,
+            ``activation`` and ``epsilon`` matter (defaults as in LeNet). Other keys are ignored.
+        input_mean: the model was trained on ``(x - input_mean) / input_std``; the folded
+            model takes ``x`` itself.
+        input_std: see ``input_mean``; > 0.
 
     Returns:
-      ``(folded, apply_fn)``: the arrays (see :func:`folded_apply`) and
-      ``apply_fn(folded, x)``, which equals ``LeNet(**model_kwargs).apply(variables,
-      (x - input_mean) / input_std, train=False)`` up to float32 rounding.
+        ``(folded, apply_fn)``: the arrays (see :func:`folded_apply`) and
+        ``apply_fn(folded, x)``, which equals ``LeNet(**model_kwargs).apply(variables,
+        (x - input_mean) / input_std, train=False)`` up to float32 rounding.
 
     Raises:
-      ValueError: for variables that do not fit the model, or an unknown option.
+        ValueError: for variables that do not fit the model, or an unknown option.
     """
     kw = dict(model_kwargs or {})
     norm = kw.get("norm", "jaxbn")
@@ -220,13 +220,13 @@ def save_folded(path: str | Path, folded: Mapping[str, Any],
     """Writes ``path`` (``.npz``, keys like ``conv1/kernel``) and the same name ``.json``.
 
     Args:
-      path: the ``.npz`` to write; the architecture goes to the same name with ``.json``.
-      folded: arrays from :func:`export_folded`.
-      model_kwargs: the LeNet options, recorded in the JSON.
-      input_note: what the model expects as input, recorded in the JSON.
+        path: the ``.npz`` to write; the architecture goes to the same name with ``.json``.
+        folded: arrays from :func:`export_folded`.
+        model_kwargs: the LeNet options, recorded in the JSON.
+        input_note: what the model expects as input, recorded in the JSON.
 
     Returns:
-      The two paths written.
+        The two paths written.
     """
     npz = Path(path).with_suffix(".npz")
     meta = npz.with_suffix(".json")
@@ -244,7 +244,7 @@ def load_folded(path: str | Path) -> tuple[dict[str, Any], Callable[..., jax.Arr
     """Reads what :func:`save_folded` wrote: ``(folded, apply_fn)`` as from export_folded.
 
     Raises:
-      ValueError: if the JSON is not of this format.
+        ValueError: if the JSON is not of this format.
     """
     npz = Path(path).with_suffix(".npz")
     meta = json.loads(npz.with_suffix(".json").read_text())
