@@ -223,12 +223,7 @@ def initialize(
     (``jax.devices()``, any computation).
 
     On CPU the cross-process collectives are gloo's (``jax_cpu_collectives_implementation``).
-
-    Failure bounds: a peer that dies is detected after ``heartbeat_timeout_s`` (and this
-    process is then terminated by JAX with a message naming the dead task); a coordinator
-    that accepts no connection raises :class:`CoordinatorUnreachableError` after
-    ``timeout_s``; a process that never joins makes the others abort about 5 s after
-    ``timeout_s``.
+    The failure bounds the timeouts set are in the module docstring.
 
     Args:
         coordinator_address: ``host:port`` of process 0, reachable from every process.

@@ -115,24 +115,10 @@ class Protocol:
 FULL = Protocol()
 #: ``--quick``: tiny subsets and few steps, for CI; the numbers mean nothing.
 QUICK = Protocol(
-    train_size=512,
-    test_size=256,
-    eval_batch_size=128,
-    batch_size=32,
-    steps=20,
-    lrs=(0.01, 0.1, 1.0),
-    convergence_lrs=(0.1,),
-    saturating_lrs=(0.1,),
-    position_lrs=(0.1,),
-    smooth=5,
-    reg_train_size=128,
-    reg_batch_size=16,
-    reg_steps=40,
-    reg_lr=0.03,
-    reg_eval_every=20,
-    bs_images=64,
-    bs_lr_batch=32,
-    batch_sizes=(2, 16),
+    train_size=512, test_size=256, eval_batch_size=128, batch_size=32, steps=20,
+    lrs=(0.01, 0.1, 1.0), convergence_lrs=(0.1,), saturating_lrs=(0.1,), position_lrs=(0.1,),
+    smooth=5, reg_train_size=128, reg_batch_size=16, reg_steps=40, reg_lr=0.03,
+    reg_eval_every=20, bs_images=64, bs_lr_batch=32, batch_sizes=(2, 16),
     per_device_batch_sizes=(2,),
 )
 
