@@ -384,6 +384,14 @@ def test_help_lists_the_exit_codes(capsys):
         assert re.search(rf"^\s+{code}\s+{re.escape(meaning[:30])}", out, re.MULTILINE), code
 
 
+def test_readme_documents_every_exit_status():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("| exit status | meaning |"):]
+    table = table[:table.index("\n\n")]
+    rows = dict(re.findall(r"^\| (\d+) \| (.+) \|$", table, re.MULTILINE))
+    assert {int(code): meaning.replace("`", "") for code, meaning in rows.items()} == EXIT_CODES
+
+
 def test_resume_rules_and_compile_key_come_from_the_fields(tmp_path):
     saved = dataclasses.asdict(config.Config())
     # Options that fix the state's shapes refuse; others warn; where and how fast: silence.

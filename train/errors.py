@@ -59,7 +59,8 @@ class ConfigError(TrainError, ValueError):
     """A bad command-line option, or one that does not fit the data, devices or checkpoint."""
 
     exit_code = 2
-    meaning = "a bad option, or one that does not fit the data, the devices or the checkpoint"
+    meaning = ("a bad option (or one that does not fit the data, the devices or the "
+               "checkpoint), or missing or malformed data")
 
 
 class DataError(TrainError, ValueError):
