@@ -20,7 +20,7 @@ from train import config, data, idx, lenet, steps
 from train import train as train_loop
 from train import workdir as workdir_mod
 from train.checkpoints import load_checkpoint
-from train.errors import EXIT_CODES, EXIT_INTERRUPTED, DivergedError
+from train.errors import EXIT_CODES, EXIT_INTERRUPTED, ConfigError, DivergedError
 from train.metrics import TIME_FIELDS
 
 REAL_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -396,7 +396,7 @@ def test_resume_rules_and_compile_key_come_from_the_fields(tmp_path):
     saved = dataclasses.asdict(config.Config())
     # Options that fix the state's shapes refuse; others warn; where and how fast: silence.
     for name, value in (("norm", "none"), ("optimizer", "adam"), ("dataset", "mnist")):
-        with pytest.raises(config.ConfigError, match=f"made with {name}="):
+        with pytest.raises(ConfigError, match=f"made with {name}="):
             config.check_resumable(saved, config.Config(**{name: value}), tmp_path)
     changed = config.check_resumable(
         saved, config.Config(lr=0.1, seed=1, devices=2, max_steps=3, data_dir="/d"), tmp_path)
@@ -430,7 +430,7 @@ def test_devices_must_divide_over_the_processes(monkeypatch):
     from train import devices, distributed
 
     monkeypatch.setattr(distributed, "planned_process_count", lambda: 2)
-    with pytest.raises(config.ConfigError, match="--devices 3 must be divisible by the number "
+    with pytest.raises(ConfigError, match="--devices 3 must be divisible by the number "
                                                   r"of processes \(2\)"):
         devices.ensure_devices(3)
 

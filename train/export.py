@@ -252,10 +252,10 @@ def load_folded(path: str | Path) -> tuple[dict[str, Any], Callable[..., jax.Arr
         raise ValueError(f"{npz.with_suffix('.json')}: expected format {FORMAT!r}, got "
                          f"{meta.get('format')!r}.")
     folded: dict[str, Any] = {}
-    with np.load(npz) as data:
-        for key in data.files:
+    with np.load(npz) as arrays:
+        for key in arrays.files:
             layer, name = key.split("/")
-            folded.setdefault(layer, {})[name] = jnp.asarray(data[key])
+            folded.setdefault(layer, {})[name] = jnp.asarray(arrays[key])
     return folded, functools.partial(folded_apply, activation=meta["activation"])
 
 

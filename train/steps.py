@@ -27,8 +27,9 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from train import distributed
-from train.config import Config, ConfigError, field_error
+from train.config import Config, field_error
 from train.distributed import AXIS
+from train.errors import ConfigError
 from train.model import LeNet
 
 __all__ = [

@@ -158,7 +158,7 @@ def _load(config: Config, devices: int) -> tuple[data.Dataset, tuple[np.ndarray,
     return ds, arrays, eval_batch_size
 
 
-@functools.lru_cache(maxsize=4)
+@functools.lru_cache(maxsize=8)
 def _build(
     config: Config, steps_per_epoch: int, num_classes: int, devices: tuple[jax.Device, ...],
     mean: float, std: float,
