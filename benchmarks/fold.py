@@ -27,13 +27,13 @@ from train.model import LeNet
 
 
 def _images(batch: int) -> tuple[jax.Array, str]:
-    from train import data
+    from train import data, idx
 
-    files = data.find_idx_files(f"{data.DEBIAN_DATASETS_ROOT}/fashion-mnist")
+    files = idx.find_idx_files(f"{data.DEBIAN_DATASETS_ROOT}/fashion-mnist")
     if files is None:
         rng = np.random.default_rng(0)
         return jnp.asarray(rng.uniform(0, 1, (batch, 28, 28, 1)), jnp.float32), "noise"
-    images = data.read_idx(files["test_images"])[:, :, :, None]
+    images = idx.read_idx(files["test_images"])[:, :, :, None]
     reps = -(-batch // images.shape[0])
     return jnp.asarray(data.to_float(np.tile(images, (reps, 1, 1, 1))[:batch])), "fashion-mnist"
 

@@ -1,6 +1,6 @@
 """Images/s of one LeNet-BN training step: our jitted step vs the seed's PyTorch model.
 
-Our step is exactly the training program's (``train.lenet.make_train_step``: uint8 images in,
+Our step is exactly the training program's (``train.steps.make_train_step``: uint8 images in,
 preprocessing, forward, cross-entropy, backward, SGD-momentum update, state donated, one
 jitted call); PyTorch's is the seed's ``nn.Sequential`` LeNet in eager mode (NCHW float32
 input already on the device, ``zero_grad``/``forward``/``backward``/``step``). The two run
@@ -26,20 +26,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train import lenet
+from train import config, data, distributed, steps
 
 STEPS = 5  # steps per timed block
 
 
 def _ours(batch: int, conv: str):
-    config = lenet.Config(batch_size=batch, conv=conv)
-    model = lenet.make_model(config, 10)
-    tx = lenet.make_optimizer(config, 100)
-    state = lenet.create_train_state(model, tx, jax.random.key(0), (28, 28, 1))
-    mesh = jax.make_mesh((1,), (lenet.AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=jax.devices()[:1])
-    mean, std = lenet.PIXEL_STATS["fashion_mnist"]
-    step = lenet.make_train_step(model, mesh, mean, std)
+    cfg = config.Config(batch_size=batch, conv=conv)
+    model = steps.make_model(cfg, 10)
+    tx = steps.make_optimizer(cfg, 100)
+    state = steps.create_train_state(model, tx, jax.random.key(0), (28, 28, 1))
+    mesh = distributed.global_mesh(jax.devices()[:1])
+    mean, std = data.pixel_stats("fashion_mnist")
+    step = steps.make_train_step(model, mean, std, mesh)
     rng = np.random.default_rng(0)
     images = jnp.asarray(rng.integers(0, 256, (batch, 28, 28, 1), dtype=np.uint8))
     labels = jnp.asarray(rng.integers(0, 10, batch, dtype=np.int32))

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 import train.conv as conv_mod
 from train.conv import Conv, conv2d
@@ -114,6 +115,32 @@ def test_batch_chunking_matches(monkeypatch, case, chunk_bytes):
     y_ref, grads_ref = _value_and_grads(
         lambda *a: _reference(*a, padding), x, k, bias, cot
     )
+    _close(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        _close(g, g_ref)
+
+
+@pytest.mark.parametrize("chunk_bytes", [conv_mod._CHUNK_BYTES, 60_000], ids=["one", "chunks"])
+def test_shard_map_with_a_replicated_kernel(mesh, monkeypatch, chunk_bytes):
+    """Batch split over 8 devices, kernel and bias replicated (P()): the gradients are the
+    sums over the devices, as lax's convolution gives them, with one chunk and with several
+    (the scan's carry then varies along the mesh axis like the data)."""
+    fresh = jax.jit(conv_mod._conv_cpu.__wrapped__, static_argnums=2)
+    monkeypatch.setattr(conv_mod, "_conv_cpu", fresh)
+    monkeypatch.setattr(conv_mod, "_CHUNK_BYTES", chunk_bytes)
+    case = (16, 12, 12, 20, 50, 5, 5, "VALID")
+    x, k, bias, kg = _inputs(case, seed=3)
+    cot = _normal(kg, 16, 8, 8, 50)
+
+    def sharded(fn):
+        return jax.shard_map(fn, mesh=mesh, in_specs=(P("d"), P(), P()), out_specs=P("d"))
+
+    y, grads = _value_and_grads(sharded(conv2d), x, k, bias, cot)
+    y_ref, grads_ref = _value_and_grads(
+        sharded(lambda *a: _reference(*a, "VALID")), x, k, bias, cot)
+    if chunk_bytes < conv_mod._CHUNK_BYTES:
+        jaxpr = jax.make_jaxpr(jax.grad(lambda k: sharded(conv2d)(x, k, bias).sum()))(k)
+        assert "scan" in str(jaxpr)
     _close(y, y_ref)
     for g, g_ref in zip(grads, grads_ref, strict=True):
         _close(g, g_ref)

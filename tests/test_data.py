@@ -1,4 +1,5 @@
-"""Tests for train.data: IDX reading/writing and validation, dataset lookup, TFDS, batching."""
+"""Tests for train.idx and train.data: IDX reading/writing and validation, dataset lookup,
+TFDS, batching, pixel statistics."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train import data
+from train import data, idx
 from train.data import DataError
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
@@ -29,7 +30,7 @@ def _tiny(seed: int = 0, n_train: int = 6, n_test: int = 3, size: int = 28):
 
 
 def _write_tiny(directory: Path, seed: int = 0, n_train: int = 6, **kw) -> Path:
-    return data.write_idx_dataset(directory, *_tiny(seed, n_train), **kw)
+    return idx.write_idx_dataset(directory, *_tiny(seed, n_train), **kw)
 
 
 def _idx_bytes(
@@ -78,7 +79,7 @@ def isolated(tmp_path, monkeypatch):
 @pytest.mark.parametrize("compress", [True, False])
 def test_round_trip(tmp_path, compress):
     arrays = _tiny()
-    data.write_idx_dataset(tmp_path, *arrays, compress=compress)
+    idx.write_idx_dataset(tmp_path, *arrays, compress=compress)
     suffix = ".gz" if compress else ""
     assert (tmp_path / (TRAIN_IMAGES + suffix)).is_file()
     ds = data.load_idx_dataset(tmp_path)
@@ -95,20 +96,20 @@ def test_round_trip(tmp_path, compress):
 
 def test_write_idx_header_and_reproducible_gzip(tmp_path):
     a = np.arange(24, dtype=np.int64).reshape(2, 3, 4)
-    p1 = data.write_idx(tmp_path / "a-idx3-ubyte.gz", a)
-    p2 = data.write_idx(tmp_path / "b-idx3-ubyte.gz", a)
+    p1 = idx.write_idx(tmp_path / "a-idx3-ubyte.gz", a)
+    p2 = idx.write_idx(tmp_path / "b-idx3-ubyte.gz", a)
     assert p1.read_bytes() == p2.read_bytes()
     raw = gzip.decompress(p1.read_bytes())
     assert raw[:16] == bytes.fromhex("00000803 00000002 00000003 00000004")
-    np.testing.assert_array_equal(data.read_idx(p1, ndim=3), a)
+    np.testing.assert_array_equal(idx.read_idx(p1, ndim=3), a)
     with pytest.raises(ValueError, match=r"\[0, 255\]"):
-        data.write_idx(tmp_path / "c", np.array([256]))
+        idx.write_idx(tmp_path / "c", np.array([256]))
 
 
 def test_bad_magic(tmp_path):
     p = _write(tmp_path / TRAIN_IMAGES, _idx_bytes((2, 28, 28), magic_prefix=b"\x12\x34"))
     with pytest.raises(DataError) as e:
-        data.read_idx(p, ndim=3)
+        idx.read_idx(p, ndim=3)
     msg = str(e.value)
     assert str(p) in msg and "expected 0x00000803" in msg and "found 0x12340803" in msg
 
@@ -117,13 +118,13 @@ def test_gzip_content_without_gz_suffix_gets_a_hint(tmp_path):
     p = tmp_path / TRAIN_IMAGES
     p.write_bytes(gzip.compress(_idx_bytes((2, 28, 28))))
     with pytest.raises(DataError, match=r"bad magic number.*gzip-compressed"):
-        data.read_idx(p, ndim=3)
+        idx.read_idx(p, ndim=3)
 
 
 def test_wrong_dtype_byte(tmp_path):
     p = _write(tmp_path / (TRAIN_IMAGES + ".gz"), _idx_bytes((2, 28, 28), dtype=0x0D))
     with pytest.raises(DataError) as e:
-        data.read_idx(p, ndim=3)
+        idx.read_idx(p, ndim=3)
     msg = str(e.value)
     assert str(p) in msg and "expected 0x08 (unsigned byte)" in msg and "found 0x0D (float)" in msg
 
@@ -131,7 +132,7 @@ def test_wrong_dtype_byte(tmp_path):
 def test_wrong_ndim(tmp_path):
     p = _write(tmp_path / (TRAIN_IMAGES + ".gz"), _idx_bytes((2, 784)))
     with pytest.raises(DataError) as e:
-        data.read_idx(p, ndim=3)
+        idx.read_idx(p, ndim=3)
     msg = str(e.value)
     assert str(p) in msg and "dimensions" in msg and "expected 3, found 2" in msg
 
@@ -139,7 +140,7 @@ def test_wrong_ndim(tmp_path):
 def test_truncated_payload(tmp_path):
     p = _write(tmp_path / (TRAIN_IMAGES + ".gz"), _idx_bytes((60000, 28, 28), 1000))
     with pytest.raises(DataError) as e:
-        data.read_idx(p, ndim=3)
+        idx.read_idx(p, ndim=3)
     assert str(e.value) == (
         f"{p}: truncated: header says 60000x28x28 = 47040000 bytes of pixels, file has 1000"
     )
@@ -148,13 +149,13 @@ def test_truncated_payload(tmp_path):
 def test_truncated_header(tmp_path):
     p = _write(tmp_path / TRAIN_IMAGES, _idx_bytes((2, 28, 28))[:10])
     with pytest.raises(DataError, match=r"truncated header: expected 16 bytes.*file has 10"):
-        data.read_idx(p, ndim=3)
+        idx.read_idx(p, ndim=3)
 
 
 def test_trailing_bytes(tmp_path):
     p = _write(tmp_path / (TRAIN_LABELS + ".gz"), _idx_bytes((5,), 7))
     with pytest.raises(DataError) as e:
-        data.read_idx(p, ndim=1)
+        idx.read_idx(p, ndim=1)
     msg = str(e.value)
     assert str(p) in msg and "trailing data" in msg
     assert "header says 5 = 5 bytes of labels, file has 7 (2 extra)" in msg
@@ -166,14 +167,14 @@ def test_corrupt_gzip(tmp_path, kind):
     good = gzip.compress(_idx_bytes((2, 28, 28)))
     p.write_bytes(b"this is not gzip" if kind == "not_gzip" else good[: len(good) // 2])
     with pytest.raises(DataError) as e:
-        data.read_idx(p, ndim=3)
+        idx.read_idx(p, ndim=3)
     msg = str(e.value)
     assert str(p) in msg and "corrupt gzip" in msg and "expected a complete gzip stream" in msg
 
 
 def test_image_label_count_mismatch(tmp_path):
     _write_tiny(tmp_path)
-    lbl = data.write_idx(tmp_path / (TRAIN_LABELS + ".gz"), np.zeros(5, np.uint8))
+    lbl = idx.write_idx(tmp_path / (TRAIN_LABELS + ".gz"), np.zeros(5, np.uint8))
     with pytest.raises(DataError) as e:
         data.load_idx_dataset(tmp_path)
     msg = str(e.value)
@@ -182,7 +183,7 @@ def test_image_label_count_mismatch(tmp_path):
 
 def test_label_out_of_range(tmp_path):
     _write_tiny(tmp_path)
-    lbl = data.write_idx(tmp_path / (TRAIN_LABELS + ".gz"), np.array([0, 1, 2, 10, 3, 4]))
+    lbl = idx.write_idx(tmp_path / (TRAIN_LABELS + ".gz"), np.array([0, 1, 2, 10, 3, 4]))
     with pytest.raises(DataError) as e:
         data.load_idx_dataset(tmp_path)
     msg = str(e.value)
@@ -192,17 +193,17 @@ def test_label_out_of_range(tmp_path):
 
 def test_train_test_image_size_mismatch(tmp_path):
     _write_tiny(tmp_path)
-    data.write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((3, 32, 32), np.uint8))
+    idx.write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", np.zeros((3, 32, 32), np.uint8))
     with pytest.raises(DataError, match=r"image size mismatch: expected 28x28.*found 32x32"):
         data.load_idx_dataset(tmp_path)
 
 
 def test_raw_file_used_when_gz_absent(tmp_path):
     _write_tiny(tmp_path, compress=False)
-    files = data.find_idx_files(tmp_path)
+    files = idx.find_idx_files(tmp_path)
     assert files is not None and all(not p.name.endswith(".gz") for p in files.values())
     (tmp_path / TRAIN_LABELS).unlink()
-    assert data.find_idx_files(tmp_path) is None
+    assert idx.find_idx_files(tmp_path) is None
 
 
 # ------------------------------------------------------------------------------------------
@@ -212,7 +213,7 @@ def test_raw_file_used_when_gz_absent(tmp_path):
 def test_missing_files_in_data_dir(tmp_path, isolated):
     d = tmp_path / "given"
     d.mkdir()
-    data.write_idx(d / (TRAIN_IMAGES + ".gz"), np.zeros((1, 28, 28), np.uint8))
+    idx.write_idx(d / (TRAIN_IMAGES + ".gz"), np.zeros((1, 28, 28), np.uint8))
     _write_tiny(isolated / "fashion-mnist")  # Available elsewhere, but --data-dir wins.
     with pytest.raises(DataError) as e:
         data.load_dataset(data_dir=d)
@@ -229,6 +230,7 @@ def test_data_dir_that_does_not_exist(tmp_path, isolated):
 
 
 def test_nothing_found(tmp_path, monkeypatch, isolated):
+    (tmp_path / "empty-env-dir").mkdir()
     monkeypatch.setenv(data.ENV_VAR, str(tmp_path / "empty-env-dir"))
     with pytest.raises(DataError) as e:
         data.load_dataset("fashion_mnist")
@@ -239,6 +241,28 @@ def test_nothing_found(tmp_path, monkeypatch, isolated):
     assert str(isolated / "fashion-mnist") in msg
     assert "simulated offline: name resolution failed" in msg and "ConnectionError" in msg
     assert isinstance(e.value.__cause__, ConnectionError)
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_env_var_that_is_not_a_directory_is_an_error(tmp_path, monkeypatch, isolated, kind):
+    """$JAXBN_DATA_DIR set to nothing usable is an error, not a silent fall-back."""
+    _write_tiny(isolated / "fashion-mnist")  # Debian's copy is there, and is not used.
+    env = tmp_path / "env"
+    if kind == "file":
+        env.write_text("")
+    monkeypatch.setenv(data.ENV_VAR, str(env))
+    found = "a file" if kind == "file" else "no such directory"
+    with pytest.raises(DataError, match=rf"\$JAXBN_DATA_DIR={env}: expected a directory .*"
+                                        rf"found {found}; fix or unset it"):
+        data.load_dataset()
+
+
+def test_pixel_stats(tmp_path):
+    assert data.pixel_stats("fashion-mnist") == data.PIXEL_STATS["fashion_mnist"]
+    ds = data.load_idx_dataset(_write_tiny(tmp_path / "d"), name="kmnist")
+    pixels = ds.train_images / 255.0
+    assert data.pixel_stats("kmnist", dataset=ds) == (pixels.mean(), pixels.std())
+    assert data.pixel_stats("kmnist", data_dir=tmp_path / "d") == (pixels.mean(), pixels.std())
 
 
 def test_lookup_order(tmp_path, monkeypatch, isolated):

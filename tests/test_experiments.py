@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tests.synthetic import learnable_images
-from train import data, experiments
+from train import experiments, idx, report
 
 N_TRAIN, N_TEST = 256, 64
 ONLY = ("convergence", "batch_size")
@@ -24,7 +24,7 @@ MAX_PNG_BYTES = 60_000
 def quick_run(tmp_path_factory):
     """``--quick --only convergence,batch_size``: (returned times, output directory)."""
     rng = np.random.default_rng(0)
-    idx_dir = data.write_idx_dataset(
+    idx_dir = idx.write_idx_dataset(
         tmp_path_factory.mktemp("idx"),
         *learnable_images(N_TRAIN, rng),
         *learnable_images(N_TEST, rng),
@@ -55,7 +55,7 @@ def test_plot_is_a_small_png(quick_run, name):
 @pytest.mark.parametrize("name", ONLY)
 def test_table_numbers_parse_and_are_finite(quick_run, name):
     text = (quick_run[1] / f"{name}.md").read_text()
-    rows = experiments.parse_table(text)
+    rows = report.parse_table(text)
     assert rows
     cells = [c for row in rows for c in row]
     pairs = [m for c in cells for m in PLUS_MINUS.findall(c)]
@@ -72,7 +72,7 @@ def _column(text, table, header):
     tables = [t for t in text.split("\n\n") if t.startswith("|")]
     lines = tables[table].splitlines()
     names = [c.strip() for c in lines[0].strip("|").split("|")]
-    return [experiments.parse_table(tables[table])[i][names.index(header)]
+    return [report.parse_table(tables[table])[i][names.index(header)]
             for i in range(len(lines) - 2)]
 
 

@@ -1,10 +1,11 @@
-"""End-to-end tests of ``python -m train.lenet`` (train/lenet.py) on tiny data.
+"""End-to-end tests of ``python -m train.lenet`` on tiny data, and of its pieces.
 
-Runs with the same settings share their compiled steps (``lenet._build`` is cached), so most
-runs here cost well under a second after the first.
+Runs with the same settings share their compiled steps (``train.train._build`` is cached), so
+most runs here cost well under a second after the first.
 """
 
 import contextlib
+import dataclasses
 import functools
 import io
 import json
@@ -15,7 +16,12 @@ import numpy as np
 import pytest
 
 from tests.synthetic import learnable_images
-from train import data, lenet
+from train import config, data, idx, lenet, steps
+from train import train as train_loop
+from train import workdir as workdir_mod
+from train.checkpoints import load_checkpoint
+from train.errors import EXIT_CODES, EXIT_INTERRUPTED, ConfigError, DivergedError
+from train.metrics import TIME_FIELDS
 
 REAL_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 N_TRAIN, N_TEST, BATCH = 256, 72, 32
@@ -36,7 +42,7 @@ METRIC_KEYS = {
 def idx_dir(tmp_path_factory):
     rng = np.random.default_rng(0)
     directory = tmp_path_factory.mktemp("idx")
-    return data.write_idx_dataset(
+    return idx.write_idx_dataset(
         directory, *learnable_images(N_TRAIN, rng), *learnable_images(N_TEST, rng)
     )
 
@@ -67,7 +73,7 @@ def _same_metrics(a, b, **tol):
 
 
 def _same_params(workdir_a, workdir_b, **tol):
-    a, b = lenet.load_checkpoint(workdir_a), lenet.load_checkpoint(workdir_b)
+    a, b = load_checkpoint(workdir_a), load_checkpoint(workdir_b)
     for part in ("params", "batch_stats"):
         flat_a = dict(_flatten(a["state"][part]))
         flat_b = dict(_flatten(b["state"][part]))
@@ -110,14 +116,14 @@ def test_end_to_end_outputs(straight):
     assert Path(match["plot"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # Checkpoints: one per epoch; the latest is the final state.
     assert Path(match["checkpoint"]) == workdir / "checkpoints" / str(2 * STEPS_PER_EPOCH)
-    ckpt = lenet.load_checkpoint(workdir)
+    ckpt = load_checkpoint(workdir)
     assert int(ckpt["state"]["step"]) == 2 * STEPS_PER_EPOCH
     assert ckpt["meta"]["metrics"]["test_accuracy"] == result["test_accuracy"]
     assert ckpt["meta"]["config"]["norm"] == "jaxbn" and ckpt["rng"].dtype == np.uint32
     assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) \
         == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]
     # Gradients reach every parameter, and BN's running statistics move: all change in epoch 2.
-    first = lenet.load_checkpoint(workdir, STEPS_PER_EPOCH)["state"]
+    first = load_checkpoint(workdir, STEPS_PER_EPOCH)["state"]
     for part in ("params", "batch_stats"):
         before, after = dict(_flatten(first[part])), dict(_flatten(ckpt["state"][part]))
         assert before.keys() == after.keys() and len(before) == {"params": 12, "batch_stats": 4}[
@@ -187,7 +193,7 @@ def test_fresh_run_archives_the_previous_run(idx_dir, tmp_path, capsys):
                       out, re.MULTILINE)
     assert match, out
     archive = Path(match[3])
-    assert archive.parent == workdir / lenet.PREVIOUS
+    assert archive.parent == workdir / workdir_mod.PREVIOUS
     assert re.fullmatch(r"\d{8}-\d{6}", archive.name), archive.name
     # The new run's outputs are its own ...
     assert _steps(workdir / "checkpoints") == [3]
@@ -196,13 +202,13 @@ def test_fresh_run_archives_the_previous_run(idx_dir, tmp_path, capsys):
     assert _steps(archive / "checkpoints") == [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 2]
     assert (archive / "metrics.jsonl").read_text() == first_metrics
     assert (archive / "curves.png").read_bytes()[:4] == b"\x89PNG"
-    old = lenet.load_checkpoint(archive)
+    old = load_checkpoint(archive)
     assert old["meta"]["step"] == STEPS_PER_EPOCH + 2
     assert old["meta"]["metrics"]["test_loss"] == first["test_loss"]
     # Twice in the same second (`make run` twice): a second archive, not a clash.
     lenet.main(_args(idx_dir, workdir, "--max-steps", 2))
     lenet.main(_args(idx_dir, workdir, "--max-steps", 1))
-    archives = sorted((workdir / lenet.PREVIOUS).iterdir())
+    archives = sorted((workdir / workdir_mod.PREVIOUS).iterdir())
     assert len(archives) == 3 and len({a.name for a in archives}) == 3
     assert sorted(s for a in archives for s in _steps(a / "checkpoints")) == [
         2, 3, STEPS_PER_EPOCH, STEPS_PER_EPOCH + 2]
@@ -210,17 +216,17 @@ def test_fresh_run_archives_the_previous_run(idx_dir, tmp_path, capsys):
     capsys.readouterr()
     lenet.main(_args(idx_dir, workdir, "--max-steps", 2, "--resume"))
     assert "moved" not in capsys.readouterr().out
-    assert len(list((workdir / lenet.PREVIOUS).iterdir())) == 3
+    assert len(list((workdir / workdir_mod.PREVIOUS).iterdir())) == 3
     assert _steps(workdir / "checkpoints") == [1, 2]
 
 
 def test_archive_previous_run_moves_only_what_exists(tmp_path):
-    assert lenet.archive_previous_run(tmp_path / "none") is None
+    assert workdir_mod.archive_previous_run(tmp_path / "none") is None
     (tmp_path / "checkpoints").mkdir()
-    assert lenet.archive_previous_run(tmp_path) is None  # an empty checkpoints/ stays
+    assert workdir_mod.archive_previous_run(tmp_path) is None  # an empty checkpoints/ stays
     (tmp_path / "metrics.jsonl").write_text("{}\n")
     # --resume without a checkpoint starts from scratch: its stale metrics move too.
-    moved = lenet.archive_previous_run(tmp_path, resume=True)
+    moved = workdir_mod.archive_previous_run(tmp_path, resume=True)
     assert moved is not None and [p.name for p in moved.iterdir()] == ["metrics.jsonl"]
     assert (tmp_path / "checkpoints").is_dir() and not (tmp_path / "metrics.jsonl").exists()
 
@@ -242,9 +248,11 @@ def test_ctrl_c_keeps_a_loadable_checkpoint(straight, idx_dir, tmp_path, monkeyp
     monkeypatch.setattr(lenet, "train_and_evaluate", functools.partial(original, on_step=on_step))
     with pytest.raises(SystemExit) as exc:
         lenet.main(_args(idx_dir, workdir))
-    assert exc.value.code == lenet.EXIT_INTERRUPTED
-    assert "interrupted" in capsys.readouterr().err
-    ckpt = lenet.load_checkpoint(workdir)
+    assert exc.value.code == EXIT_INTERRUPTED
+    checkpoint = workdir.absolute() / "checkpoints" / str(STEPS_PER_EPOCH)
+    assert f"interrupted; the latest checkpoint, {checkpoint}, is complete" in \
+        capsys.readouterr().err
+    ckpt = load_checkpoint(workdir)
     assert ckpt["meta"]["step"] == STEPS_PER_EPOCH and ckpt["meta"]["epoch"] == 1
     assert not list((workdir / "checkpoints").glob("*tmp*"))
     monkeypatch.setattr(lenet, "train_and_evaluate", original)
@@ -252,14 +260,28 @@ def test_ctrl_c_keeps_a_loadable_checkpoint(straight, idx_dir, tmp_path, monkeyp
     _same_metrics(resumed, result)
 
 
-def test_interrupt_mid_epoch_then_resume_mid_epoch(straight, idx_dir, tmp_path):
-    """A checkpoint in the middle of an epoch (--max-steps) resumes at the same batch."""
-    result, _, straight_dir = straight
+def test_interrupt_mid_epoch_then_resume_mid_epoch(straight, idx_dir, tmp_path, capsys):
+    """A checkpoint in the middle of an epoch (--max-steps) resumes at the same batch, with
+    the epoch's running sums: the final line and the last metrics row are those of an
+    uninterrupted run in every field but time and paths."""
+    result, lines, straight_dir = straight
     workdir = tmp_path / "w"
     lenet.main(_args(idx_dir, workdir, "--max-steps", STEPS_PER_EPOCH + 3))
-    resumed = lenet.main(_args(idx_dir, workdir, "--resume"))
-    for key in ("step", "test_loss", "test_accuracy"):
-        assert resumed[key] == result[key], key
+    capsys.readouterr()
+    lenet.main(_args(idx_dir, workdir, "--resume"))
+    out = capsys.readouterr().out
+    assert f"resumed from {workdir / 'checkpoints' / str(STEPS_PER_EPOCH + 3)}" in out
+
+    def untimed(line):
+        return re.sub(r" (seconds|workdir|checkpoint|metrics|plot)=\S+", "", line)
+
+    assert untimed(out.splitlines()[-1]) == untimed(lines[-1])
+    rows = [json.loads(r) for r in (workdir / "metrics.jsonl").read_text().splitlines()]
+    want = json.loads((straight_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    for key in want.keys() - set(TIME_FIELDS):
+        assert rows[-1][key] == want[key], key
+    assert [r["step"] for r in rows] == [STEPS_PER_EPOCH, STEPS_PER_EPOCH + 3,
+                                         2 * STEPS_PER_EPOCH]
     _same_params(workdir, straight_dir, rtol=0, atol=0)
 
 
@@ -273,13 +295,13 @@ def test_nan_stops_and_keeps_the_last_good_checkpoint(idx_dir, tmp_path, capsys)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exc:
         lenet.main(_args(idx_dir, workdir, "--resume", "--lr", "1e30"))
-    assert exc.value.code == lenet.EXIT_DIVERGED
+    assert exc.value.code == DivergedError.exit_code
     captured = capsys.readouterr()
     assert re.search(r"error: training diverged: .*step \d+ \(epoch 2", captured.err)
     assert f"Last good checkpoint: {workdir / 'checkpoints' / str(STEPS_PER_EPOCH)}" in \
         captured.err
     assert not captured.out.splitlines()[-1].startswith("final:")
-    ckpt = lenet.load_checkpoint(workdir)
+    ckpt = load_checkpoint(workdir)
     assert ckpt["meta"]["step"] == STEPS_PER_EPOCH
     assert all(np.isfinite(v).all() for _, v in _flatten(ckpt["state"]["params"]))
     assert [p.name for p in (workdir / "checkpoints").iterdir()] == [str(STEPS_PER_EPOCH)]
@@ -325,29 +347,75 @@ def test_bad_options_exit_with_a_message(idx_dir, tmp_path, capsys, extra, messa
 
 
 def test_defaults_and_flags():
-    config, workdir = lenet.parse_args([])
-    assert config == lenet.Config() and workdir == "runs/lenet"
-    config, workdir = lenet.parse_args([
+    args = config.parse_args([])
+    assert args.config == config.Config() and args.workdir == "runs/lenet"
+    args = config.parse_args([
         "--optimizer", "adam", "--schedule", "step", "--norm", "flax", "--bn-position",
         "after_relu", "--activation", "tanh", "--devices", "2", "--train-subset", "10",
-        "--workdir", "/x", "--weight-decay", "0", "--resume", "--no-progress",
+        "--workdir", "/x", "--weight-decay", "0", "--resume", "--no-progress", "--debug",
     ])
-    assert (config.optimizer, config.schedule, config.norm, config.bn_position,
-            config.activation, config.devices, config.train_subset, config.weight_decay,
-            config.resume, config.progress) == (
-        "adam", "step", "flax", "after_relu", "tanh", 2, 10, 0.0, True, False)
-    assert workdir == "/x"
+    c = args.config
+    assert (c.optimizer, c.schedule, c.norm, c.bn_position, c.activation, c.devices,
+            c.train_subset, c.weight_decay, c.resume, c.progress, c.debug) == (
+        "adam", "step", "flax", "after_relu", "tanh", 2, 10, 0.0, True, False, True)
+    assert args.workdir == "/x"
     with pytest.raises(SystemExit):
-        lenet.parse_args(["--norm", "layer"])
+        config.parse_args(["--norm", "layer"])
+
+
+def test_every_config_field_is_a_flag_with_help():
+    """The flags, their help and defaults come from the Config fields: none is missed."""
+    parser = config.build_parser()
+    actions = {a.dest: a for a in parser._actions}
+    for field in dataclasses.fields(config.Config):
+        action = actions[field.name]
+        assert action.help == field.metadata["option"].help and action.help, field.name
+        assert action.default == field.default, field.name
+    assert config.parse_args([]).config == config.Config()
+
+
+def test_help_lists_the_exit_codes(capsys):
+    with pytest.raises(SystemExit) as exc:
+        lenet.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "exit status:" in out
+    for code, meaning in EXIT_CODES.items():
+        assert re.search(rf"^\s+{code}\s+{re.escape(meaning[:30])}", out, re.MULTILINE), code
+
+
+def test_readme_documents_every_exit_status():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("| exit status | meaning |"):]
+    table = table[:table.index("\n\n")]
+    rows = dict(re.findall(r"^\| (\d+) \| (.+) \|$", table, re.MULTILINE))
+    assert {int(code): meaning.replace("`", "") for code, meaning in rows.items()} == EXIT_CODES
+
+
+def test_resume_rules_and_compile_key_come_from_the_fields(tmp_path):
+    saved = dataclasses.asdict(config.Config())
+    # Options that fix the state's shapes refuse; others warn; where and how fast: silence.
+    for name, value in (("norm", "none"), ("optimizer", "adam"), ("dataset", "mnist")):
+        with pytest.raises(ConfigError, match=f"made with {name}="):
+            config.check_resumable(saved, config.Config(**{name: value}), tmp_path)
+    changed = config.check_resumable(
+        saved, config.Config(lr=0.1, seed=1, devices=2, max_steps=3, data_dir="/d"), tmp_path)
+    assert changed == ["lr: 0.05 -> 0.1", "seed: 0 -> 1"]
+    # The compiled steps do not depend on the seed, the data or when to stop ...
+    quiet = config.Config(seed=4, data_dir="/d", max_steps=3, eval_batch_size=8, resume=True,
+                          train_subset=5, test_subset=6, progress=False, debug=True)
+    assert config.compile_key(quiet) == config.Config()
+    # ... but on the model, the optimizer and its schedule.
+    for name, value in (("lr", 0.1), ("norm", "none"), ("epochs", 3), ("devices", 2)):
+        assert config.compile_key(config.Config(**{name: value})) != config.Config(), name
 
 
 def test_multi_process_flags_are_not_config():
     argv = ["--coordinator", "10.0.0.1:1234", "--num-processes", "2", "--process-id", "1",
             "--devices", "8"]
-    config, workdir = lenet.parse_args(argv)
-    assert config == lenet.Config(devices=8) and workdir == "runs/lenet"
-    assert lenet._parse(argv)[2] == {
-        "coordinator": "10.0.0.1:1234", "num_processes": 2, "process_id": 1}
+    args = config.parse_args(argv)
+    assert args.config == config.Config(devices=8) and args.workdir == "runs/lenet"
+    assert (args.coordinator, args.num_processes, args.process_id) == ("10.0.0.1:1234", 2, 1)
 
 
 def test_bad_multi_process_settings_exit_with_a_message(idx_dir, tmp_path, capsys):
@@ -359,20 +427,20 @@ def test_bad_multi_process_settings_exit_with_a_message(idx_dir, tmp_path, capsy
 
 
 def test_devices_must_divide_over_the_processes(monkeypatch):
-    from train import distributed
+    from train import devices, distributed
 
     monkeypatch.setattr(distributed, "planned_process_count", lambda: 2)
-    with pytest.raises(lenet.ConfigError, match="--devices 3 must be divisible by the number "
-                                                 r"of processes \(2\)"):
-        lenet.ensure_devices(3)
+    with pytest.raises(ConfigError, match="--devices 3 must be divisible by the number "
+                                                  r"of processes \(2\)"):
+        devices.ensure_devices(3)
 
 
-def test_eval_batch_size_is_rounded_up_to_the_devices(idx_dir, tmp_path):
-    _, _, eval_batch_size = lenet._load(
-        lenet.Config(data_dir=str(idx_dir), batch_size=BATCH, eval_batch_size=30), 4)
+def test_eval_batch_size_is_rounded_up_to_the_devices(idx_dir):
+    _, _, eval_batch_size = train_loop._load(
+        config.Config(data_dir=str(idx_dir), batch_size=BATCH, eval_batch_size=30), 4)
     assert eval_batch_size == 32
-    _, _, eval_batch_size = lenet._load(
-        lenet.Config(data_dir=str(idx_dir), batch_size=BATCH, eval_batch_size=1000), 8)
+    _, _, eval_batch_size = train_loop._load(
+        config.Config(data_dir=str(idx_dir), batch_size=BATCH, eval_batch_size=1000), 8)
     assert eval_batch_size == N_TEST  # 72: the whole test set, a multiple of 8
 
 
@@ -385,13 +453,13 @@ def test_eval_batch_size_is_rounded_up_to_the_devices(idx_dir, tmp_path):
     ],
 )
 def test_schedules(schedule, expected):
-    s = lenet.make_schedule(lenet.Config(lr=0.1, epochs=2, schedule=schedule), 10)
+    s = steps.make_schedule(config.Config(lr=0.1, epochs=2, schedule=schedule), 10)
     np.testing.assert_allclose([float(s(i)) for i in (0, 10, 20, 30)], expected, atol=1e-7)
 
 
 def test_warmup():
-    s = lenet.make_schedule(
-        lenet.Config(lr=0.1, epochs=3, warmup_epochs=1, schedule="constant"), 10)
+    s = steps.make_schedule(
+        config.Config(lr=0.1, epochs=3, warmup_epochs=1, schedule="constant"), 10)
     np.testing.assert_allclose([float(s(i)) for i in (0, 5, 10, 29)], [0, 0.05, 0.1, 0.1],
                                atol=1e-7)
 
@@ -400,16 +468,21 @@ def test_warmup():
     ("kwargs", "message"),
     [
         ({"optimizer": "rmsprop"}, "--optimizer: expected one of sgd, adam, got 'rmsprop'"),
-        ({"lr": 0.0}, "--lr: expected a positive learning rate, got 0.0"),
+        ({"lr": 0.0}, "--lr: expected a finite number > 0, got 0.0"),
+        ({"lr": float("inf")}, "--lr: expected a finite number > 0, got inf"),
         ({"warmup_epochs": 5}, "--warmup-epochs: expected in [0, --epochs=5), got 5"),
-        ({"weight_decay": -1.0}, "--weight-decay: expected >= 0, got -1.0"),
-        ({"bn_momentum": 1.5}, "--bn-momentum: expected in [0, 1], got 1.5"),
+        ({"warmup_epochs": float("nan")}, "--warmup-epochs: expected in [0, --epochs=5), got"),
+        ({"weight_decay": -1.0}, "--weight-decay: expected a finite number >= 0, got -1.0"),
+        ({"weight_decay": float("nan")}, "--weight-decay: expected a finite number >= 0, got "
+                                         "nan"),
+        ({"bn_momentum": 1.5}, "--bn-momentum: expected a number in [0, 1], got 1.5"),
         ({"max_steps": 0}, "--max-steps: expected a positive integer, got 0"),
+        ({"seed": -1}, "--seed: expected a non-negative integer, got -1"),
     ],
 )
 def test_validate(kwargs, message):
     with pytest.raises(ValueError) as exc:
-        lenet.validate(lenet.Config(**kwargs))
+        config.validate(config.Config(**kwargs))
     assert message in str(exc.value)
 
 
@@ -421,8 +494,8 @@ def test_weight_decay_only_on_kernels():
               "bn1": {"scale": jnp.ones(2), "bias": jnp.ones(2)}}
     zeros = {k: {n: jnp.zeros_like(v) for n, v in d.items()} for k, d in params.items()}
     for optimizer in ("sgd", "adam"):
-        tx = lenet.make_optimizer(
-            lenet.Config(optimizer=optimizer, weight_decay=0.1, schedule="constant"), 10)
+        tx = steps.make_optimizer(
+            config.Config(optimizer=optimizer, weight_decay=0.1, schedule="constant"), 10)
         updates, _ = tx.update(zeros, tx.init(params), params)
         params_after = optax.apply_updates(params, updates)
         assert float(params_after["conv1"]["kernel"][0, 0]) < 1, optimizer

@@ -33,7 +33,10 @@ import pytest
 
 from tests import multihost_worker as worker
 from tests.synthetic import learnable_images
-from train import data, distributed, lenet
+from train import distributed, idx, lenet
+from train.checkpoints import load_checkpoint
+from train.errors import WorkdirBusyError
+from train.workdir import WorkdirLock
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(worker.__file__).resolve()
@@ -346,7 +349,7 @@ def idx_dir(tmp_path_factory):
     rows, so process 1's half of it is all padding."""
     rng = np.random.default_rng(0)
 
-    return data.write_idx_dataset(tmp_path_factory.mktemp("idx"),
+    return idx.write_idx_dataset(tmp_path_factory.mktemp("idx"),
                                   *learnable_images(N_TRAIN, rng), *learnable_images(N_TEST, rng))
 
 
@@ -433,7 +436,7 @@ def test_two_process_training_matches_one_process(two_process_training):
     assert f"test_accuracy={got['test_accuracy']:.4f} test_loss={got['test_loss']:.4f}" in \
         finals[0]
     # The state: BN statistics of the global batches, parameters, step.
-    a, b = lenet.load_checkpoint(workdir), lenet.load_checkpoint(reference_dir)
+    a, b = load_checkpoint(workdir), load_checkpoint(reference_dir)
     assert int(a["state"]["step"]) == STEPS and a["meta"]["config"]["devices"] == 4
     for part in ("params", "batch_stats"):
         flat_a, flat_b = _flat(a["state"][part]), _flat(b["state"][part])
@@ -445,15 +448,19 @@ def test_two_process_training_matches_one_process(two_process_training):
             np.testing.assert_allclose(flat_a[k], flat_b[k], rtol=1e-4, atol=1e-5, err_msg=k)
 
 
-def test_only_process_0_prints_and_writes_metrics(two_process_training):
+def test_only_process_0_locks_prints_and_writes_metrics(two_process_training):
+    """Process 0 alone holds the workdir's lock, prints, and writes metrics and plot (each
+    through a temporary file renamed into place)."""
     _, _, out, workdir = two_process_training
     assert _steps(workdir / "checkpoints") == [STEPS_PER_EPOCH, STEPS]
     assert [r["step"] for r in _rows(workdir)] == [STEPS_PER_EPOCH, STEPS]
     assert "in 2 processes (2 each)" in _log(out, "p0")
     for i in range(2):
-        outputs = {Path(p).name for p in (out / f"p{i}.writes").read_text().splitlines()
+        outputs = {Path(p).name.lstrip(".").removesuffix(".tmp")
+                   for p in (out / f"p{i}.writes").read_text().splitlines()
                    if Path(p).parent == workdir}
-        assert outputs == ({"metrics.jsonl", "curves.png"} if i == 0 else set()), (i, outputs)
+        assert outputs == ({"lock", "metrics.jsonl", "curves.png"} if i == 0 else set()), \
+            (i, outputs)
         printed = [line for line in _log(out, f"p{i}").splitlines()
                    if line.startswith(("data:", "epoch ", "checkpoint:", "metrics:", "plot:"))]
         assert len(printed) == (6 if i == 0 else 0), printed
@@ -520,3 +527,18 @@ def test_killed_training_process_fails_the_other_then_resume_works(
         np.testing.assert_allclose(rows[-1][key], expected[-1][key], rtol=1e-6, err_msg=key)
     finals = _finals(resumed_dir)
     assert finals[0] == finals[1] == _finals(two_process_training[2])[0]
+
+
+def test_two_processes_refuse_a_busy_workdir(idx_dir, tmp_path):
+    """Process 0 takes the workdir's lock for the run; when another run holds it, both
+    processes exit with status 3, and nothing in the workdir is touched."""
+    workdir = tmp_path / "w"
+    with WorkdirLock(workdir):
+        procs = _start_lenet(tmp_path, _lenet_args(idx_dir, workdir, "--max-steps", 2))
+        codes = [_finish(p, TRAIN_LIMIT_S)[0] for p in procs]
+    logs = [_log(tmp_path, f"p{i}") for i in range(2)]
+    assert codes == [WorkdirBusyError.exit_code] * 2, logs
+    assert f"error: --workdir {workdir} is in use by another run (pid {os.getpid()} on host " \
+           f"{socket.gethostname()}" in logs[0], logs[0]
+    assert f"error: process 0 could not lock --workdir {workdir}" in logs[1], logs[1]
+    assert sorted(p.name for p in workdir.iterdir()) == [".lock"]

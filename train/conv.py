@@ -71,15 +71,15 @@ def _pairs(padding: PaddingLike, kernel_hw: tuple[int, int]) -> tuple[tuple[int,
     """Returns explicit ``((lo, hi), (lo, hi))`` padding for stride 1.
 
     Args:
-      padding: ``'VALID'``, ``'SAME'``, an int (same on all sides), or a length-2
-        sequence of ints or ``(lo, hi)`` pairs, as accepted by ``flax.linen.Conv``.
-      kernel_hw: ``(KH, KW)``.
+        padding: ``'VALID'``, ``'SAME'``, an int (same on all sides), or a length-2
+            sequence of ints or ``(lo, hi)`` pairs, as accepted by ``flax.linen.Conv``.
+        kernel_hw: ``(KH, KW)``.
 
     Returns:
-      A tuple of two ``(lo, hi)`` pairs.
+        A tuple of two ``(lo, hi)`` pairs.
 
     Raises:
-      ValueError: on an unsupported padding specification.
+        ValueError: on an unsupported padding specification.
     """
     if isinstance(padding, str):
         mode = padding.upper()
@@ -261,36 +261,23 @@ def _conv_valid_cpu_fwd(x, kernel):
 
 def _conv_valid_cpu_bwd(res, g):
     x, kernel = res
-    kh, kw, c, o = kernel.shape
-    b, h, w, _ = x.shape
+    h, w = x.shape[1:3]
     n = _chunks_for(x, kernel)
-    # Kernel gradient: per-chunk matmuls accumulated in a scan.  The input
-    # gradient is a separate loop so that, when unused (first layer), dead code
+    # Kernel gradient: per-chunk matmuls accumulated in a scan, which starts from the first
+    # chunk's (so the carry has the data's type, shard_map's varying axes included). The
+    # input gradient is a separate loop so that, when unused (first layer), dead code
     # elimination removes it whole.
     if n == 1:
         dk = _dk_chunk(x, g, kernel)
     else:
+        xs, gs = _split(x, n), _split(g, n)
+
         def body(acc, xg):
             return acc + _dk_chunk(xg[0], xg[1], kernel), None
 
-        zero = jnp.zeros((kh * kw * c, o), jnp.result_type(x, g))
-        vary = tuple(sorted(_varying_axes(x) | _varying_axes(g), key=str))
-        if vary:  # under shard_map the carry varies like the data it accumulates
-            zero = lax.pcast(zero, vary, to="varying")
-        dk, _ = lax.scan(body, zero, (_split(x, n), _split(g, n)))
-    # A kernel replicated over shard_map axes along which x varies (P() specs) gets the sum
-    # of the per-device kernel gradients, as autodiff of a replicated parameter would.
-    extra = tuple(sorted(_varying_axes(x) - _varying_axes(kernel), key=str))
-    if extra:
-        dk = lax.psum(dk, extra)
+        dk, _ = lax.scan(body, _dk_chunk(xs[0], gs[0], kernel), (xs[1:], gs[1:]))
     dx = _map_chunks(lambda gc: _input_grad(gc, kernel, h, w), g, n)
     return dx.astype(x.dtype), dk.reshape(kernel.shape).astype(kernel.dtype)
-
-
-def _varying_axes(a: jax.Array) -> frozenset:
-    """The shard_map axes along which ``a`` varies (empty outside shard_map)."""
-    mat = getattr(jax.typeof(a), "mat", None)
-    return frozenset(getattr(mat, "varying", ()))
 
 
 _conv_valid_cpu.defvjp(_conv_valid_cpu_fwd, _conv_valid_cpu_bwd)
@@ -302,6 +289,11 @@ def _conv_cpu(x: jax.Array, kernel: jax.Array, pads: tuple[tuple[int, int], ...]
     if any(p for pair in pads for p in pair):
         zero = jnp.zeros((), x.dtype)
         x = lax.pad(x, zero, ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
+    # Under shard_map, give the kernel every axis along which x varies (adding a zero of x's
+    # type; outside shard_map, a no-op that XLA removes). The custom VJP's kernel cotangent,
+    # which varies like x, then has the kernel's type, and for a replicated kernel (P()
+    # specs) autodiff sums the per-device gradients, as it would for lax's convolution.
+    kernel = kernel + jnp.zeros_like(x, shape=())
     return _conv_valid_cpu(x, kernel)
 
 
@@ -322,18 +314,18 @@ def conv2d(
     ``jax.jvp`` does not on CPU).  On other backends it is exactly the ``lax`` call.
 
     Args:
-      x: input, ``(batch, height, width, in_channels)``.
-      kernel: ``(kernel_h, kernel_w, in_channels, out_channels)``.
-      bias: optional ``(out_channels,)``, added to every output pixel.
-      padding: ``'VALID'`` (default), ``'SAME'``, an int (applied to every side),
-        or two ints / two ``(low, high)`` pairs for height and width, as in
-        ``flax.linen.Conv``.
+        x: input, ``(batch, height, width, in_channels)``.
+        kernel: ``(kernel_h, kernel_w, in_channels, out_channels)``.
+        bias: optional ``(out_channels,)``, added to every output pixel.
+        padding: ``'VALID'`` (default), ``'SAME'``, an int (applied to every side),
+            or two ints / two ``(low, high)`` pairs for height and width, as in
+            ``flax.linen.Conv``.
 
     Returns:
-      ``(batch, out_height, out_width, out_channels)``.
+        ``(batch, out_height, out_width, out_channels)``.
 
     Raises:
-      ValueError: on mismatched shapes or an unsupported padding.
+        ValueError: on mismatched shapes or an unsupported padding.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -384,15 +376,15 @@ class Conv(nn.Module):
     Inputs may carry several leading batch dimensions or none, as in flax.
 
     Attributes:
-      features: number of output channels.
-      kernel_size: ``(kh, kw)``.
-      padding: ``'SAME'`` (flax's default), ``'VALID'``, an int, or two ints /
-        ``(low, high)`` pairs.
-      use_bias: whether to add a learned bias.
-      dtype: computation dtype (default: inferred from inputs and params).
-      param_dtype: dtype of the parameters.
-      kernel_init: kernel initialiser.
-      bias_init: bias initialiser.
+        features: number of output channels.
+        kernel_size: ``(kh, kw)``.
+        padding: ``'SAME'`` (flax's default), ``'VALID'``, an int, or two ints /
+            ``(low, high)`` pairs.
+        use_bias: whether to add a learned bias.
+        dtype: computation dtype (default: inferred from inputs and params).
+        param_dtype: dtype of the parameters.
+        kernel_init: kernel initialiser.
+        bias_init: bias initialiser.
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -419,10 +411,10 @@ class Conv(nn.Module):
         """Applies the convolution.
 
         Args:
-          inputs: ``(*batch_dims, height, width, in_features)``.
+            inputs: ``(*batch_dims, height, width, in_features)``.
 
         Returns:
-          ``(*batch_dims, out_height, out_width, features)``.
+            ``(*batch_dims, out_height, out_width, features)``.
         """
         if isinstance(self.kernel_size, int) or len(self.kernel_size) != 2:
             # flax.linen.Conv reads an int as a 1-D kernel; this module is 2-D only.

@@ -10,12 +10,14 @@ Where the data comes from (:func:`load_dataset`), first match wins:
 1. ``data_dir`` (the program's ``--data-dir`` flag): a directory holding the four MNIST-format
    IDX files. If it is given and the files are not there, that is an error.
 2. The environment variable ``JAXBN_DATA_DIR``: the same, or its subdirectory named after the
-   dataset (``fashion-mnist/``).
+   dataset (``fashion-mnist/``). It must name an existing directory; one without this
+   dataset (a directory of other datasets) is passed over.
 3. Debian's ``/usr/share/datasets/<name>/`` (``apt-get install dataset-fashion-mnist``).
 4. TensorFlow Datasets' ``tfds.data_source(name)``, which downloads when online.
 
 Every problem with the data raises :class:`DataError` (a :class:`ValueError`) whose message
-names the file and says what was expected and what was found.
+names the file and says what was expected and what was found. The IDX format itself is
+:mod:`train.idx`.
 
 Batching is deterministic: the order of epoch ``e`` is a pure function of ``(seed, e)``, so a
 run resumed at epoch ``k`` sees exactly the batches an uninterrupted run would have seen.
@@ -25,31 +27,29 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gzip
 import os
-import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from train.errors import DataError
+from train.idx import IDX_FILES, find_idx_files, read_idx, shape_text
+
 __all__ = [
     "DEBIAN_DATASETS_ROOT",
     "ENV_VAR",
-    "IDX_FILES",
+    "PIXEL_STATS",
     "DataError",
     "Dataset",
     "batches",
-    "find_idx_files",
     "load_dataset",
     "load_idx_dataset",
     "load_tfds_dataset",
     "num_batches",
-    "read_idx",
+    "pixel_stats",
     "to_float",
-    "write_idx",
-    "write_idx_dataset",
 ]
 
 #: Root of Debian's dataset packages (``dataset-fashion-mnist`` installs
@@ -60,36 +60,15 @@ DEBIAN_DATASETS_ROOT = "/usr/share/datasets"
 #: dataset, e.g. ``$JAXBN_DATA_DIR/fashion-mnist/``).
 ENV_VAR = "JAXBN_DATA_DIR"
 
-#: Standard IDX file names (without ``.gz``), keyed by role.
-IDX_FILES: Mapping[str, str] = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-
 #: Number of classes of the IDX datasets we know; other names default to 10.
 KNOWN_NUM_CLASSES: Mapping[str, int] = {"mnist": 10, "fashion_mnist": 10, "kmnist": 10}
+#: Mean and standard deviation of the training pixels in [0, 1] of the datasets we know;
+#: :func:`pixel_stats` computes the others.
+PIXEL_STATS: Mapping[str, tuple[float, float]] = {
+    "fashion_mnist": (0.2860, 0.3530), "mnist": (0.1307, 0.3081)}
 
-_UBYTE = 0x08
-_DTYPE_NAMES = {
-    0x08: "unsigned byte",
-    0x09: "signed byte",
-    0x0B: "short",
-    0x0C: "int",
-    0x0D: "float",
-    0x0E: "double",
-}
 _TFDS_CHUNK = 4096
 _MAX_TFDS_ERROR_CHARS = 2000
-
-
-class DataError(ValueError):
-    """The data is missing, malformed, or inconsistent.
-
-    The message names the file (or ``tfds:<name>[<split>]``) and says what was expected and
-    what was found.
-    """
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -123,213 +102,9 @@ class Dataset:
         return (
             f"Dataset(name={self.name!r}, source={self.source!r}, "
             f"num_classes={self.num_classes}, "
-            f"train={'x'.join(map(str, self.train_images.shape))}, "
-            f"test={'x'.join(map(str, self.test_images.shape))})"
+            f"train={shape_text(self.train_images.shape)}, "
+            f"test={shape_text(self.test_images.shape)})"
         )
-
-
-# --------------------------------------------------------------------------------------------
-# IDX files.
-
-
-def _dims(shape: Sequence[int]) -> str:
-    return "x".join(str(d) for d in shape)
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise DataError(
-            f"{path}: corrupt gzip file: expected a complete gzip stream, "
-            f"decompression failed with {type(e).__name__}: {e}"
-        ) from e
-    except OSError as e:
-        raise DataError(f"{path}: cannot read: {e}") from e
-
-
-def read_idx(path: str | os.PathLike[str], ndim: int | None = None) -> np.ndarray:
-    """Reads an unsigned-byte IDX file (the MNIST format), gzip-compressed or raw.
-
-    The file is compressed when its name ends in ``.gz``. The header is validated: the magic
-    number must be ``0x000008NN`` (data type 0x08 = unsigned byte, ``NN`` dimensions), and the
-    payload must hold exactly the product of the dimensions in bytes.
-
-    Args:
-        path: The IDX file, e.g. ``train-images-idx3-ubyte.gz``.
-        ndim: Expected number of dimensions (3 for images, 1 for labels), or ``None`` to accept
-            what the header says.
-
-    Returns:
-        A read-only uint8 array (a view of the file's bytes) with the shape the header gives.
-
-    Raises:
-        DataError: The file is missing, not valid gzip, or its header or length is wrong.
-
-    Example:
-        >>> import tempfile, numpy as np
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     p = write_idx(f"{d}/labels-idx1-ubyte.gz", np.array([3, 1, 4], np.uint8))
-        ...     read_idx(p, ndim=1)
-        array([3, 1, 4], dtype=uint8)
-    """
-    path = Path(path)
-    data = _read_bytes(path)
-    if len(data) < 4:
-        raise DataError(
-            f"{path}: truncated header: expected at least 4 bytes of magic number, "
-            f"file has {len(data)}"
-        )
-    magic = int.from_bytes(data[:4], "big")
-    expected_magic = f"0x000008{ndim:02X}" if ndim is not None else "0x000008NN"
-    if data[0] != 0 or data[1] != 0:
-        hint = " (it looks gzip-compressed; name it *.gz)" if data[:2] == b"\x1f\x8b" else ""
-        raise DataError(
-            f"{path}: bad magic number: expected {expected_magic} (IDX), found 0x{magic:08X}{hint}"
-        )
-    dtype_code, file_ndim = data[2], data[3]
-    if dtype_code != _UBYTE:
-        found = _DTYPE_NAMES.get(dtype_code, "unknown")
-        raise DataError(
-            f"{path}: wrong data type in magic number 0x{magic:08X}: expected 0x08 "
-            f"(unsigned byte), found 0x{dtype_code:02X} ({found})"
-        )
-    if ndim is not None and file_ndim != ndim:
-        raise DataError(
-            f"{path}: wrong number of dimensions in magic number 0x{magic:08X}: "
-            f"expected {ndim}, found {file_ndim}"
-        )
-    header_len = 4 + 4 * file_ndim
-    if len(data) < header_len:
-        raise DataError(
-            f"{path}: truncated header: expected {header_len} bytes for {file_ndim} "
-            f"dimensions, file has {len(data)}"
-        )
-    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(file_ndim))
-    expected = int(np.prod(shape, dtype=np.int64))
-    found = len(data) - header_len
-    what = {3: "pixels", 1: "labels"}.get(file_ndim, "data")
-    if found < expected:
-        raise DataError(
-            f"{path}: truncated: header says {_dims(shape)} = {expected} bytes of {what}, "
-            f"file has {found}"
-        )
-    if found > expected:
-        raise DataError(
-            f"{path}: trailing data: header says {_dims(shape)} = {expected} bytes of "
-            f"{what}, file has {found} ({found - expected} extra)"
-        )
-    return np.frombuffer(data, np.uint8, offset=header_len).reshape(shape)
-
-
-def write_idx(path: str | os.PathLike[str], array: np.ndarray) -> Path:
-    """Writes an array as an unsigned-byte IDX file (gzip-compressed if ``path`` ends in .gz).
-
-    Meant for tests and small tools that need tiny MNIST-format datasets; see also
-    :func:`write_idx_dataset`. The gzip header holds no timestamp or file name, so the output
-    is reproducible.
-
-    Args:
-        path: Destination file. Parent directories are created.
-        array: Integer array with values in ``[0, 255]`` and 1 to 255 dimensions.
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
-
-    Raises:
-        ValueError: The array is not integer, has values outside ``[0, 255]``, or has no
-            dimensions.
-
-    Example:
-        >>> import tempfile, numpy as np
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     p = write_idx(f"{d}/x-idx3-ubyte", np.zeros((2, 3, 4), np.uint8))
-        ...     p.read_bytes()[:4].hex(), read_idx(p).shape
-        ('00000803', (2, 3, 4))
-    """
-    path = Path(path)
-    array = np.asarray(array)
-    if not (1 <= array.ndim <= 255):
-        raise ValueError(f"IDX needs 1 to 255 dimensions, got shape {array.shape}")
-    if array.dtype != np.uint8:
-        if not np.issubdtype(array.dtype, np.integer) and array.dtype != np.bool_:
-            raise ValueError(f"IDX ubyte needs integers, got dtype {array.dtype}")
-        if array.size and (array.min() < 0 or array.max() > 255):
-            raise ValueError(
-                f"IDX ubyte needs values in [0, 255], got [{array.min()}, {array.max()}]"
-            )
-        array = array.astype(np.uint8)
-    header = bytes([0, 0, _UBYTE, array.ndim]) + b"".join(
-        int(d).to_bytes(4, "big") for d in array.shape
-    )
-    payload = header + np.ascontiguousarray(array).tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(gzip.compress(payload, mtime=0) if path.name.endswith(".gz") else payload)
-    return path
-
-
-def write_idx_dataset(
-    directory: str | os.PathLike[str],
-    train_images: np.ndarray,
-    train_labels: np.ndarray,
-    test_images: np.ndarray,
-    test_labels: np.ndarray,
-    *,
-    compress: bool = True,
-) -> Path:
-    """Writes the four standard IDX files of an MNIST-style dataset into ``directory``.
-
-    The result loads with :func:`load_idx_dataset` or ``load_dataset(data_dir=directory)``.
-
-    Args:
-        directory: Destination directory, created if needed.
-        train_images: ``(N, H, W)`` or ``(N, H, W, 1)`` images with values in ``[0, 255]``.
-        train_labels: ``(N,)`` labels in ``[0, 255]``.
-        test_images: ``(M, H, W)`` or ``(M, H, W, 1)`` images.
-        test_labels: ``(M,)`` labels.
-        compress: Write ``*.gz`` files (as distributed) rather than raw ones.
-
-    Returns:
-        ``directory`` as a :class:`~pathlib.Path`.
-
-    Raises:
-        ValueError: An array has the wrong rank or values outside ``[0, 255]``.
-
-    Example:
-        >>> import tempfile, numpy as np
-        >>> rng = np.random.default_rng(0)
-        >>> with tempfile.TemporaryDirectory() as d:
-        ...     _ = write_idx_dataset(
-        ...         d, rng.integers(0, 256, (5, 28, 28)), np.arange(5),
-        ...         rng.integers(0, 256, (2, 28, 28)), np.array([9, 0]))
-        ...     ds = load_idx_dataset(d)
-        ...     ds.train_images.shape, ds.test_labels
-        ((5, 28, 28, 1), array([9, 0], dtype=int32))
-    """
-    directory = Path(directory)
-    suffix = ".gz" if compress else ""
-    arrays = {
-        "train_images": train_images,
-        "train_labels": train_labels,
-        "test_images": test_images,
-        "test_labels": test_labels,
-    }
-    for role, array in arrays.items():
-        array = np.asarray(array)
-        if role.endswith("images"):
-            if array.ndim == 4 and array.shape[-1] == 1:
-                array = array[..., 0]
-            if array.ndim != 3:
-                raise ValueError(f"{role}: expected (N, H, W[, 1]), got shape {array.shape}")
-        elif array.ndim != 1:
-            raise ValueError(f"{role}: expected (N,), got shape {array.shape}")
-        write_idx(directory / (IDX_FILES[role] + suffix), array)
-    return directory
 
 
 # --------------------------------------------------------------------------------------------
@@ -342,30 +117,6 @@ def _canonical(name: str) -> str:
 
 def _dashed(name: str) -> str:
     return _canonical(name).replace("_", "-")
-
-
-def find_idx_files(directory: str | os.PathLike[str]) -> dict[str, Path] | None:
-    """Finds the four standard IDX files in ``directory``.
-
-    Each file may be gzip-compressed (``name.gz``, preferred when both exist) or raw.
-
-    Args:
-        directory: Directory to look in.
-
-    Returns:
-        A dict mapping each role in :data:`IDX_FILES` to its path, or ``None`` when any of the
-        four is missing.
-    """
-    directory = Path(directory)
-    found: dict[str, Path] = {}
-    for role, base in IDX_FILES.items():
-        for candidate in (directory / (base + ".gz"), directory / base):
-            if candidate.is_file():
-                found[role] = candidate
-                break
-        else:
-            return None
-    return found
 
 
 def _candidate_dirs(root: Path, name: str) -> list[Path]:
@@ -437,8 +188,8 @@ def load_idx_dataset(
     train_hw, test_hw = arrays["train_images"].shape[1:3], arrays["test_images"].shape[1:3]
     if train_hw != test_hw:
         raise DataError(
-            f"{files['test_images']}: image size mismatch: expected {_dims(train_hw)} "
-            f"like {files['train_images']}, found {_dims(test_hw)}"
+            f"{files['test_images']}: image size mismatch: expected {shape_text(train_hw)} "
+            f"like {files['train_images']}, found {shape_text(test_hw)}"
         )
     return Dataset(**arrays, name=name, source=str(directory), num_classes=num_classes)
 
@@ -521,8 +272,8 @@ def load_tfds_dataset(name: str = "fashion_mnist") -> Dataset:
     if arrays["train_images"].shape[1:] != arrays["test_images"].shape[1:]:
         raise DataError(
             f"tfds:{name}[test]: image size mismatch: expected "
-            f"{_dims(arrays['train_images'].shape[1:])} like the train split, found "
-            f"{_dims(arrays['test_images'].shape[1:])}"
+            f"{shape_text(arrays['train_images'].shape[1:])} like the train split, found "
+            f"{shape_text(arrays['test_images'].shape[1:])}"
         )
     return Dataset(**arrays, name=name, source=f"tfds:{name}", num_classes=num_classes)
 
@@ -539,7 +290,8 @@ def load_dataset(
 
     1. ``data_dir`` (``--data-dir``), or its subdirectory ``<name>`` with ``_`` -> ``-``.
        When given, it must hold the files: there is no fallback.
-    2. ``$JAXBN_DATA_DIR``, or ``$JAXBN_DATA_DIR/<name with - for _>/``.
+    2. ``$JAXBN_DATA_DIR``, or ``$JAXBN_DATA_DIR/<name with - for _>/``. When set, it must
+       be a directory; one without this dataset is passed over.
     3. ``DEBIAN_DATASETS_ROOT/<name with - for _>/``, e.g. ``/usr/share/datasets/fashion-mnist``.
     4. ``tfds.data_source(name)`` (downloads when online).
 
@@ -556,8 +308,9 @@ def load_dataset(
         The :class:`Dataset`. Its ``source`` says which place it came from.
 
     Raises:
-        DataError: ``data_dir`` lacks the files; a file is malformed; or nothing was found
-            anywhere (the message lists the ways to provide the data and TFDS's error).
+        DataError: ``data_dir`` lacks the files; ``$JAXBN_DATA_DIR`` is not a directory; a
+            file is malformed; or nothing was found anywhere (the message lists the ways to
+            provide the data and TFDS's error).
     """
     name = _canonical(name)
     if data_dir is not None:
@@ -575,6 +328,12 @@ def load_dataset(
     env = os.environ.get(ENV_VAR)
     places: list[tuple[str, Path]] = []
     if env:
+        if not Path(env).is_dir():
+            raise DataError(
+                f"${ENV_VAR}={env}: expected a directory holding the IDX files (or a "
+                f"subdirectory {_dashed(name)}/ with them), found "
+                f"{'a file' if Path(env).exists() else 'no such directory'}; fix or unset it"
+            )
         places += [(f"${ENV_VAR}", d) for d in _candidate_dirs(Path(env), name)]
     else:
         checked.append(f"${ENV_VAR}: not set")
@@ -716,3 +475,33 @@ def to_float(images: np.ndarray) -> np.ndarray:
         array([0. , 0.2, 1. ], dtype=float32)
     """
     return np.asarray(images, np.float32) / np.float32(255.0)
+
+
+def pixel_stats(
+    name: str, data_dir: str | os.PathLike[str] | None = None, *, dataset: Dataset | None = None
+) -> tuple[float, float]:
+    """Mean and standard deviation of a dataset's training pixels, in ``[0, 1]`` units.
+
+    The training programs standardize their inputs with these. Known datasets
+    (:data:`PIXEL_STATS`) need no data; for others the statistics are computed from
+    ``dataset``'s training images, or from the dataset loaded with :func:`load_dataset`.
+
+    Args:
+        name: Dataset name.
+        data_dir: Where to load it from if needed (see :func:`load_dataset`).
+        dataset: The loaded dataset, if at hand.
+
+    Returns:
+        ``(mean, std)`` of ``train_images / 255``.
+
+    Example:
+        >>> pixel_stats("fashion_mnist")
+        (0.286, 0.353)
+    """
+    name = _canonical(name)
+    if name in PIXEL_STATS:
+        return PIXEL_STATS[name]
+    if dataset is None:
+        dataset = load_dataset(name, data_dir)
+    pixels = dataset.train_images.astype(np.float64) / 255.0
+    return float(pixels.mean()), float(pixels.std())

@@ -39,6 +39,7 @@ import socket
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -55,6 +56,9 @@ __all__ = [
     "ENV_HEARTBEAT_TIMEOUT_S",
     "ENV_SHUTDOWN_TIMEOUT_S",
     "CoordinatorUnreachableError",
+    "backends_initialized",
+    "barrier",
+    "broadcast_from_main",
     "global_mesh",
     "initialize",
     "is_main_process",
@@ -113,10 +117,22 @@ def _seconds(name: str, value: int | None, env: str, default: int) -> int:
     return value
 
 
-def _backends_initialized() -> bool:
+def backends_initialized() -> bool:
+    """Whether JAX has started its backends (after which devices and the runtime are fixed).
+
+    JAX has no public query for this; it is asked of ``jax._src.xla_bridge``, and if that
+    moved, the answer is True (the cautious one: too late to configure anything).
+
+    Returns:
+        True once anything touched the devices (``jax.devices()``, a computation).
+
+    Example:
+        >>> _ = jax.devices(); backends_initialized()
+        True
+    """
     try:
         from jax._src import xla_bridge
-    except ImportError:  # pragma: no cover - private API moved; assume the worst.
+    except ImportError:
         return True
     return bool(xla_bridge.backends_are_initialized())
 
@@ -132,7 +148,7 @@ def _cluster_detected() -> str | None:
         from jax._src.clusters import ClusterEnv
 
         kinds = list(ClusterEnv._cluster_types)
-    except (ImportError, AttributeError):  # pragma: no cover - depends on JAX's internals
+    except (ImportError, AttributeError):  # JAX moved its internals: let initialize decide
         return "unknown"
     for kind in kinds:
         if getattr(kind, "opt_in_only_method", False):
@@ -207,89 +223,53 @@ def initialize(
     (``jax.devices()``, any computation).
 
     On CPU the cross-process collectives are gloo's (``jax_cpu_collectives_implementation``).
-
-    Failure bounds: a peer that dies is detected after ``heartbeat_timeout_s`` (and this
-    process is then terminated by JAX with a message naming the dead task); a coordinator
-    that accepts no connection raises :class:`CoordinatorUnreachableError` after
-    ``timeout_s``; a process that never joins makes the others abort about 5 s after
-    ``timeout_s``.
+    The failure bounds the timeouts set are in the module docstring.
 
     Args:
-      coordinator_address: ``host:port`` of process 0, reachable from every process.
-      num_processes: total number of processes.
-      process_id: this process's id in ``0 .. num_processes - 1``; 0 runs the coordinator.
-      local_device_count: number of CPU devices this process exposes (sets
-        ``jax_num_cpu_devices``, overriding ``--xla_force_host_platform_device_count``);
-        ``None`` keeps JAX's default. Ignored by GPU and TPU backends.
-      timeout_s: seconds to wait for the coordinator to accept connections and for every
-        process to join; default ``JAXBN_TIMEOUT_S``, else 30.
-      heartbeat_timeout_s: seconds without a heartbeat after which a process counts as
-        dead; default ``JAXBN_HEARTBEAT_TIMEOUT_S``, else 15.
-      shutdown_timeout_s: seconds a process waits at exit for the others to finish too;
-        default ``JAXBN_SHUTDOWN_TIMEOUT_S``, else 120.
+        coordinator_address: ``host:port`` of process 0, reachable from every process.
+        num_processes: total number of processes.
+        process_id: this process's id in ``0 .. num_processes - 1``; 0 runs the coordinator.
+        local_device_count: number of CPU devices this process exposes (sets
+            ``jax_num_cpu_devices``, overriding ``--xla_force_host_platform_device_count``);
+            ``None`` keeps JAX's default. Ignored by GPU and TPU backends.
+        timeout_s: seconds to wait for the coordinator to accept connections and for every
+            process to join; default ``JAXBN_TIMEOUT_S``, else 30.
+        heartbeat_timeout_s: seconds without a heartbeat after which a process counts as
+            dead; default ``JAXBN_HEARTBEAT_TIMEOUT_S``, else 15.
+        shutdown_timeout_s: seconds a process waits at exit for the others to finish too;
+            default ``JAXBN_SHUTDOWN_TIMEOUT_S``, else 120.
 
     Returns:
-      True if a multi-process runtime is running (started now or before), False for a
-      single process.
+        True if a multi-process runtime is running (started now or before), False for a
+        single process.
 
     Raises:
-      ValueError: an environment variable is not an integer, the address is not
-        ``host:port``, ``process_id`` is out of range, or only some of the three settings
-        were given and no cluster environment supplies the rest.
-      CoordinatorUnreachableError: nothing listened at the coordinator address in time.
-      RuntimeError: JAX had already started (called too late).
+        ValueError: an environment variable is not an integer, the address is not
+            ``host:port``, ``process_id`` is out of range, or only some of the three settings
+            were given and no cluster environment supplies the rest.
+        CoordinatorUnreachableError: nothing listened at the coordinator address in time.
+        RuntimeError: JAX had already started (called too late).
 
-    >>> initialize(num_processes=1)  # one process: nothing to start
-    False
+    Example:
+        >>> initialize(num_processes=1)  # one process: nothing to start
+        False
     """
     if jax.distributed.is_initialized():
         return True
-    coordinator_address = (coordinator_address or os.environ.get(ENV_COORDINATOR)
-                           or os.environ.get("JAX_COORDINATOR_ADDRESS") or None)
-    num_processes = _int_or_none(
-        ENV_NUM_PROCESSES,
-        num_processes if num_processes is not None else os.environ.get(ENV_NUM_PROCESSES),
-    )
-    process_id = _int_or_none(
-        ENV_PROCESS_ID, process_id if process_id is not None else os.environ.get(ENV_PROCESS_ID)
-    )
+    explicit = _process_settings(coordinator_address, num_processes, process_id)
+    coordinator_address, num_processes, process_id = explicit
     timeout_s = _seconds("timeout_s", timeout_s, ENV_TIMEOUT_S, DEFAULT_TIMEOUT_S)
     heartbeat_timeout_s = _seconds("heartbeat_timeout_s", heartbeat_timeout_s,
                                    ENV_HEARTBEAT_TIMEOUT_S, DEFAULT_HEARTBEAT_TIMEOUT_S)
     shutdown_timeout_s = _seconds("shutdown_timeout_s", shutdown_timeout_s,
                                   ENV_SHUTDOWN_TIMEOUT_S, DEFAULT_SHUTDOWN_TIMEOUT_S)
-    if num_processes is not None and num_processes < 1:
-        raise ValueError(f"num_processes must be >= 1, got {num_processes}.")
-    if num_processes is not None and process_id is not None and not (
-        0 <= process_id < num_processes
-    ):
-        raise ValueError(
-            f"process_id must be in [0, {num_processes - 1}] for {num_processes} processes, "
-            f"got {process_id}."
-        )
-
-    explicit = (coordinator_address, num_processes, process_id)
     cluster = None if None not in explicit or num_processes == 1 else _cluster_detected()
     if local_device_count is not None:
         _set_local_device_count(local_device_count)
     if num_processes == 1 or (explicit == (None, None, None) and cluster is None):
         return False
     if None in explicit and cluster is None:
-        missing = [
-            f"{arg} (or {env})"
-            for arg, env, value in (
-                ("coordinator_address", ENV_COORDINATOR, coordinator_address),
-                ("num_processes", ENV_NUM_PROCESSES, num_processes),
-                ("process_id", ENV_PROCESS_ID, process_id),
-            )
-            if value is None
-        ]
-        if missing:
-            raise ValueError(
-                f"a multi-process run needs coordinator_address, num_processes and process_id, "
-                f"and no cluster environment (SLURM, Cloud TPU, Open MPI) supplies the rest; "
-                f"missing: {', '.join(missing)}."
-            )
+        _raise_missing(explicit)
 
     # Affects only the CPU backend; gloo is JAX's default today, named here so that a
     # changed default cannot silently leave CPU processes without cross-process collectives.
@@ -324,10 +304,50 @@ def initialize(
     return True
 
 
+def _process_settings(
+    coordinator_address: str | None, num_processes: int | None, process_id: int | None
+) -> tuple[str | None, int | None, int | None]:
+    """The three settings from the arguments, else the environment; checked."""
+    coordinator_address = (coordinator_address or os.environ.get(ENV_COORDINATOR)
+                           or os.environ.get("JAX_COORDINATOR_ADDRESS") or None)
+    num_processes = _int_or_none(
+        ENV_NUM_PROCESSES,
+        num_processes if num_processes is not None else os.environ.get(ENV_NUM_PROCESSES),
+    )
+    process_id = _int_or_none(
+        ENV_PROCESS_ID, process_id if process_id is not None else os.environ.get(ENV_PROCESS_ID)
+    )
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"num_processes must be >= 1, got {num_processes}.")
+    if num_processes is not None and process_id is not None and not (
+        0 <= process_id < num_processes
+    ):
+        raise ValueError(
+            f"process_id must be in [0, {num_processes - 1}] for {num_processes} processes, "
+            f"got {process_id}."
+        )
+    return coordinator_address, num_processes, process_id
+
+
+def _raise_missing(explicit: tuple[str | None, int | None, int | None]) -> None:
+    missing = [
+        f"{arg} (or {env})"
+        for arg, env, value in zip(
+            ("coordinator_address", "num_processes", "process_id"),
+            (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID), explicit, strict=True)
+        if value is None
+    ]
+    raise ValueError(
+        f"a multi-process run needs coordinator_address, num_processes and process_id, "
+        f"and no cluster environment (SLURM, Cloud TPU, Open MPI) supplies the rest; "
+        f"missing: {', '.join(missing)}."
+    )
+
+
 def _set_local_device_count(n: int) -> None:
     if not (isinstance(n, int) and n > 0):
         raise ValueError(f"local_device_count must be a positive int, got {n!r}.")
-    if _backends_initialized():
+    if backends_initialized():
         if jax.local_device_count() != n:
             raise RuntimeError(
                 f"local_device_count={n} but JAX has already started with "
@@ -355,20 +375,21 @@ def planned_process_count() -> int:
     starting the backends, too late to choose the number of fake CPU devices per process.
 
     Returns:
-      ``num_processes`` of the joined run; else :func:`jax.process_count` if the backends
-      have started; else 1.
+        ``num_processes`` of the joined run; else :func:`jax.process_count` if the backends
+        have started; else 1.
 
-    >>> planned_process_count()
-    1
+    Example:
+        >>> planned_process_count()
+        1
     """
     if jax.distributed.is_initialized():
         try:
             from jax._src.distributed import global_state
 
             return int(global_state.num_processes)
-        except (ImportError, AttributeError, TypeError):  # pragma: no cover - JAX internals
+        except (ImportError, AttributeError, TypeError):  # JAX moved its internals
             pass
-    if _backends_initialized():
+    if backends_initialized():
         return jax.process_count()
     return 1
 
@@ -377,34 +398,64 @@ def planned_process_count() -> int:
 # Helpers for a data-parallel training loop.
 
 
+def barrier(name: str) -> None:
+    """Waits until every process has reached the barrier ``name`` (no-op on one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def broadcast_from_main(value: int) -> int:
+    """Process 0's ``value`` on every process (``value`` itself on one process).
+
+    Example:
+        >>> broadcast_from_main(3)
+        3
+    """
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
+
+
 def is_main_process() -> bool:
     """True on process 0: the one that prints, writes metrics, plots and logs.
 
-    >>> is_main_process()
-    True
+    Example:
+        >>> is_main_process()
+        True
     """
     return jax.process_index() == 0
 
 
-def global_mesh(axis_name: str = AXIS) -> Mesh:
-    """A one-axis mesh over every device of every process, grouped by process.
+def global_mesh(
+    devices: Sequence[jax.Device] | None = None, axis_name: str = AXIS
+) -> Mesh:
+    """A one-axis mesh over ``devices`` (default: every device of every process).
+
+    The axis is explicit, as with :func:`jax.make_mesh`'s defaults; the devices keep their
+    order (give them grouped by process, as :func:`train.devices.select_devices` does), so
+    each process's devices hold one contiguous block of rows of a batch sharded along
+    ``axis_name``.
 
     Args:
-      axis_name: name of the mesh axis (BN's ``axis_name`` under ``shard_map``).
+        devices: The mesh's devices; ``None`` for all, ordered by ``(process_index, id)``.
+        axis_name: Name of the mesh axis (BN's ``axis_name`` under ``shard_map``).
 
     Returns:
-      A :class:`jax.sharding.Mesh` of shape ``(jax.device_count(),)`` whose devices are in
-      ``jax.devices()`` order, so each process's devices hold one contiguous block of rows
-      of a batch sharded along ``axis_name``.
+        A :class:`jax.sharding.Mesh` of shape ``(len(devices),)``.
 
-    >>> mesh = global_mesh()
-    >>> mesh.axis_names, mesh.size == jax.device_count()
-    (('batch',), True)
+    Example:
+        >>> mesh = global_mesh()
+        >>> mesh.axis_names, mesh.size == jax.device_count()
+        (('batch',), True)
     """
-    devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
-    return Mesh(
-        np.array(devices), (axis_name,), axis_types=(jax.sharding.AxisType.Auto,)
-    )
+    if devices is None:
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devices), (axis_name,),
+                axis_types=(jax.sharding.AxisType.Explicit,))
 
 
 def process_batch_slice(
@@ -413,23 +464,24 @@ def process_batch_slice(
     """The rows of a global batch that this process loads and feeds.
 
     Args:
-      global_batch_size: rows of the global batch, divisible by the number of devices
-        along ``axis_name``.
-      mesh: the mesh the batch is sharded over (default :func:`global_mesh`).
-      axis_name: the mesh axis the batch's first dimension is sharded along.
+        global_batch_size: rows of the global batch, divisible by the number of devices
+            along ``axis_name``.
+        mesh: the mesh the batch is sharded over (default :func:`global_mesh`).
+        axis_name: the mesh axis the batch's first dimension is sharded along.
 
     Returns:
-      ``slice(start, stop)``: this process's contiguous block of rows, of length
-      ``global_batch_size / jax.process_count()`` for a mesh over all devices.
+        ``slice(start, stop)``: this process's contiguous block of rows, of length
+        ``global_batch_size / jax.process_count()`` for a mesh over all devices.
 
     Raises:
-      ValueError: the batch does not divide over the devices, or this process's rows are
-        not contiguous in ``mesh`` (build it with :func:`global_mesh`).
+        ValueError: the batch does not divide over the devices, or this process's rows are
+            not contiguous in ``mesh`` (build it with :func:`global_mesh`).
 
-    >>> process_batch_slice(8)  # one process holds every row
-    slice(0, 8, None)
+    Example:
+        >>> process_batch_slice(8)  # one process holds every row
+        slice(0, 8, None)
     """
-    mesh = global_mesh(axis_name) if mesh is None else mesh
+    mesh = global_mesh(axis_name=axis_name) if mesh is None else mesh
     n = mesh.shape[axis_name]
     if global_batch_size <= 0 or global_batch_size % n:
         raise ValueError(
@@ -455,24 +507,28 @@ def make_global_batch(local: Any, mesh: Mesh | None = None, spec: P | None = Non
 
     Every process calls this with its own rows (those of :func:`process_batch_slice`); the
     result is one array (or pytree of arrays) of the global shape, sharded by ``spec``,
-    whose shards live on the processes that supplied them. No data crosses processes.
+    whose shards live on the processes that supplied them. No data crosses processes. On
+    one process this is ``jax.device_put``.
 
     Args:
-      local: this process's rows, an array or a pytree of arrays (e.g. images, labels).
-      mesh: the global mesh (default :func:`global_mesh`).
-      spec: how the global array is sharded (default ``P(AXIS)``: rows over the batch
-        axis).
+        local: This process's rows, an array or a pytree of arrays (e.g. images, labels).
+        mesh: The global mesh (default :func:`global_mesh`).
+        spec: How the global array is sharded (default ``P(AXIS)``: rows over the batch
+            axis).
 
     Returns:
-      A global :class:`jax.Array` (or the same pytree of them).
+        A global :class:`jax.Array` (or the same pytree of them).
 
-    >>> import numpy as np
-    >>> batch = make_global_batch(np.zeros((8, 3), np.float32))
-    >>> batch.shape, batch.sharding.spec == P(AXIS)
-    ((8, 3), True)
+    Example:
+        >>> import numpy as np
+        >>> batch = make_global_batch(np.zeros((8, 3), np.float32))
+        >>> batch.shape, batch.sharding.spec == P(AXIS)
+        ((8, 3), True)
     """
     mesh = global_mesh() if mesh is None else mesh
     sharding = NamedSharding(mesh, P(AXIS) if spec is None else spec)
+    if sharding.is_fully_addressable:
+        return jax.device_put(local, sharding)
     return jax.tree.map(
         lambda a: jax.make_array_from_process_local_data(sharding, np.asarray(a)), local
     )

@@ -39,6 +39,9 @@ import numpy as np
 from jax import lax
 
 from jaxbn import BatchNormParams, BatchStats, fold, interop
+from train import data
+from train.checkpoints import read_checkpoint
+from train.model import ACTIVATIONS, BN_POSITIONS, NORMS, LeNet
 
 __all__ = [
     "FORMAT",
@@ -52,11 +55,6 @@ __all__ = [
 
 #: Written into the architecture JSON; :func:`load_folded` checks it.
 FORMAT = "jaxbn-folded-lenet-v1"
-_ACTIVATIONS: Mapping[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": jax.nn.relu,
-    "sigmoid": jax.nn.sigmoid,
-    "tanh": jnp.tanh,
-}
 _STAGES = (("conv1", "bn1", "affine1"), ("conv2", "bn2", "affine2"))
 
 
@@ -69,16 +67,16 @@ def folded_apply(folded: Mapping[str, Any], x: jax.typing.ArrayLike, *,
     """Runs a folded LeNet: two ``conv -> max_pool -> [affine] -> act`` stages, two dense.
 
     Args:
-      folded: arrays from :func:`export_folded` or :func:`load_folded`: ``conv1``, ``conv2``,
-        ``fc1``, ``fc2`` (each ``{'kernel', 'bias'}``), and optionally ``affine1``/``affine2``
-        (each ``{'scale', 'shift'}``) for stages whose BN could not be folded.
-      x: ``(B, 28, 28, 1)`` float images, preprocessed as for the trained model.
-      activation: ``'relu'``, ``'sigmoid'`` or ``'tanh'``, as the trained model.
+        folded: arrays from :func:`export_folded` or :func:`load_folded`: ``conv1``, ``conv2``,
+            ``fc1``, ``fc2`` (each ``{'kernel', 'bias'}``), and optionally ``affine1``/``affine2``
+            (each ``{'scale', 'shift'}``) for stages whose BN could not be folded.
+        x: ``(B, 28, 28, 1)`` float images, preprocessed as for the trained model.
+        activation: ``'relu'``, ``'sigmoid'`` or ``'tanh'``, as the trained model.
 
     Returns:
-      ``(B, num_classes)`` logits.
+        ``(B, num_classes)`` logits.
     """
-    act = _ACTIVATIONS[activation]
+    act = ACTIVATIONS[activation]
     x = jnp.asarray(x)
     for conv, _, affine in _STAGES:
         x = lax.conv_general_dilated(x, folded[conv]["kernel"], (1, 1), "VALID",
@@ -129,29 +127,28 @@ def export_folded(
     """Folds a LeNet's BatchNorm layers (and its input standardization) away for inference.
 
     Args:
-      variables: ``{'params': ..., 'batch_stats': ...}`` of :class:`train.model.LeNet`.
-      model_kwargs: the LeNet's constructor arguments; ``norm``, ``bn_position``,
-        ``activation`` and ``epsilon`` matter (defaults as in LeNet). Other keys are ignored.
-      input_mean: the model was trained on ``(x - input_mean) / input_std``; the folded
-        model takes ``x`` itself.
-      input_std: see ``input_mean``; > 0.
+        variables: ``{'params': ..., 'batch_stats': ...}`` of :class:`train.model.LeNet`.
+        model_kwargs: the LeNet's constructor arguments; ``norm``, ``bn_position``,
+            ``activation`` and ``epsilon`` matter (defaults as in LeNet). Other keys are ignored.
+        input_mean: the model was trained on ``(x - input_mean) / input_std``; the folded
+            model takes ``x`` itself.
+        input_std: see ``input_mean``; > 0.
 
     Returns:
-      ``(folded, apply_fn)``: the arrays (see :func:`folded_apply`) and
-      ``apply_fn(folded, x)``, which equals ``LeNet(**model_kwargs).apply(variables,
-      (x - input_mean) / input_std, train=False)`` up to float32 rounding.
+        ``(folded, apply_fn)``: the arrays (see :func:`folded_apply`) and
+        ``apply_fn(folded, x)``, which equals ``LeNet(**model_kwargs).apply(variables,
+        (x - input_mean) / input_std, train=False)`` up to float32 rounding.
 
     Raises:
-      ValueError: for variables that do not fit the model, or an unknown option.
+        ValueError: for variables that do not fit the model, or an unknown option.
     """
     kw = dict(model_kwargs or {})
     norm = kw.get("norm", "jaxbn")
     position = kw.get("bn_position", "before_relu")
     activation = kw.get("activation", "relu")
     epsilon = float(kw.get("epsilon", 1e-5))
-    for field, value, choices in (("norm", norm, ("jaxbn", "flax", "none")),
-                                  ("bn_position", position, ("before_relu", "after_relu")),
-                                  ("activation", activation, tuple(_ACTIVATIONS))):
+    for field, value, choices in (("norm", norm, NORMS), ("bn_position", position, BN_POSITIONS),
+                                  ("activation", activation, tuple(ACTIVATIONS))):
         if value not in choices:
             raise ValueError(f"model_kwargs[{field!r}]: expected one of {choices}, got "
                              f"{value!r}.")
@@ -223,13 +220,13 @@ def save_folded(path: str | Path, folded: Mapping[str, Any],
     """Writes ``path`` (``.npz``, keys like ``conv1/kernel``) and the same name ``.json``.
 
     Args:
-      path: the ``.npz`` to write; the architecture goes to the same name with ``.json``.
-      folded: arrays from :func:`export_folded`.
-      model_kwargs: the LeNet options, recorded in the JSON.
-      input_note: what the model expects as input, recorded in the JSON.
+        path: the ``.npz`` to write; the architecture goes to the same name with ``.json``.
+        folded: arrays from :func:`export_folded`.
+        model_kwargs: the LeNet options, recorded in the JSON.
+        input_note: what the model expects as input, recorded in the JSON.
 
     Returns:
-      The two paths written.
+        The two paths written.
     """
     npz = Path(path).with_suffix(".npz")
     meta = npz.with_suffix(".json")
@@ -247,7 +244,7 @@ def load_folded(path: str | Path) -> tuple[dict[str, Any], Callable[..., jax.Arr
     """Reads what :func:`save_folded` wrote: ``(folded, apply_fn)`` as from export_folded.
 
     Raises:
-      ValueError: if the JSON is not of this format.
+        ValueError: if the JSON is not of this format.
     """
     npz = Path(path).with_suffix(".npz")
     meta = json.loads(npz.with_suffix(".json").read_text())
@@ -255,10 +252,10 @@ def load_folded(path: str | Path) -> tuple[dict[str, Any], Callable[..., jax.Arr
         raise ValueError(f"{npz.with_suffix('.json')}: expected format {FORMAT!r}, got "
                          f"{meta.get('format')!r}.")
     folded: dict[str, Any] = {}
-    with np.load(npz) as data:
-        for key in data.files:
+    with np.load(npz) as arrays:
+        for key in arrays.files:
             layer, name = key.split("/")
-            folded.setdefault(layer, {})[name] = jnp.asarray(data[key])
+            folded.setdefault(layer, {})[name] = jnp.asarray(arrays[key])
     return folded, functools.partial(folded_apply, activation=meta["activation"])
 
 
@@ -275,30 +272,6 @@ def _find_variables(tree: Any) -> dict[str, Any] | None:
     return None
 
 
-def _as_dict(tree: Any) -> Any:
-    if isinstance(tree, Mapping) or (hasattr(tree, "items") and hasattr(tree, "keys")):
-        return {k: _as_dict(v) for k, v in tree.items()}
-    return tree
-
-
-def _quiet_restore(manager: Any, step: int) -> Any:
-    """``manager.restore(step)`` without naming the items' types.
-
-    Orbax then restores every item it can infer (here all of them) and logs a warning per
-    item and call that it "could not be restored" without arguments; the warnings are
-    silenced, since a missing item is diagnosed below anyway.
-    """
-    import logging
-
-    log = logging.getLogger("absl")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        return manager.restore(step)
-    finally:
-        log.setLevel(level)
-
-
 def load_checkpoint(
     workdir: str | Path, step: int | None = None
 ) -> tuple[dict[str, Any], int, dict[str, Any]]:
@@ -307,44 +280,36 @@ def load_checkpoint(
     ``python -m train.lenet`` saves a composite item: ``state`` (``{'state': TrainState as a
     dict, 'rng': ...}``) and ``meta`` (JSON with the run's ``config``). The loader does not
     insist on that layout: it takes the first mapping with ``params`` (and ``batch_stats``)
-    anywhere in the restored tree, and ``meta`` when there is one.
+    anywhere in the restored tree (:func:`train.checkpoints.read_checkpoint`), and ``meta``
+    when there is one.
 
     Args:
-      workdir: the training run's directory.
-      step: the step to restore; default the latest.
+        workdir: The training run's directory.
+        step: The step to restore; default the latest.
 
     Returns:
-      ``(variables, step, meta)``, ``meta`` empty when the checkpoint has none.
+        ``(variables, step, meta)``, ``meta`` empty when the checkpoint has none.
 
     Raises:
-      ValueError: no checkpoint, or none with ``params`` in it.
+        ValueError: No checkpoint, a damaged one, or none with ``params`` in it.
     """
-    import orbax.checkpoint as ocp  # Lazy: only this loader needs orbax.
-
-    directory = Path(workdir).absolute() / "checkpoints"
-    if not directory.is_dir():
-        raise ValueError(f"expected orbax checkpoints in {directory}, found no such directory.")
-    with ocp.CheckpointManager(directory) as manager:
-        step = manager.latest_step() if step is None else step
-        if step is None:
-            raise ValueError(f"expected at least one checkpoint in {directory}, found none.")
-        restored = _as_dict(_quiet_restore(manager, step))
-    meta = restored.pop("meta", {}) if isinstance(restored, dict) else {}
-    variables = _find_variables(restored)
+    step, items = read_checkpoint(workdir, step)
+    meta = items.pop("meta", {})
+    variables = _find_variables(items)
     if variables is None:
-        keys = sorted(restored) if isinstance(restored, dict) else type(restored).__name__
         raise ValueError(
-            f"checkpoint {directory / str(step)} holds no 'params': expected LeNet variables "
-            f"({{'params': ..., 'batch_stats': ...}}), got top-level keys {keys}."
+            f"checkpoint {Path(workdir).absolute() / 'checkpoints' / str(step)} holds no "
+            f"'params': expected LeNet variables ({{'params': ..., 'batch_stats': ...}}), got "
+            f"top-level keys {sorted(items)}."
         )
-    return jax.tree.map(np.asarray, variables), int(step), dict(meta or {})
+    return variables, step, dict(meta or {})
 
 
 # ----------------------------------------------------------------------------------------
 # Command line.
 
 
-#: Options of ``train.lenet.Config`` that are LeNet options, with LeNet's names.
+#: Options of :class:`train.config.Config` that are LeNet options, with LeNet's names.
 _CONFIG_TO_MODEL = {"norm": "norm", "bn_position": "bn_position", "activation": "activation",
                     "bn_momentum": "momentum", "conv": "conv"}
 
@@ -367,16 +332,7 @@ def _input_stats(meta: Mapping[str, Any], args: argparse.Namespace) -> tuple[flo
     config = meta.get("config", {}) if isinstance(meta, Mapping) else {}
     if "dataset" not in config:
         return 0.0, 1.0  # Not a train.lenet checkpoint: no standardization known.
-    from train import lenet  # As train.lenet computes it.
-
-    known = getattr(lenet, "PIXEL_STATS", {})
-    if config["dataset"] in known:
-        return tuple(map(float, known[config["dataset"]]))  # type: ignore[return-value]
-    from train import data
-
-    ds = data.load_dataset(config["dataset"], config.get("data_dir"))
-    pixels = ds.train_images.astype(np.float64) / 255.0
-    return float(pixels.mean()), float(pixels.std())
+    return data.pixel_stats(config["dataset"], config.get("data_dir"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -386,11 +342,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workdir", required=True, help="training run directory")
     parser.add_argument("--out", required=True, help="output .npz (a .json goes beside it)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")
-    parser.add_argument("--norm", choices=("jaxbn", "flax", "none"), default=None,
+    parser.add_argument("--norm", choices=NORMS, default=None,
                         help="override the checkpoint's config")
-    parser.add_argument("--bn-position", choices=("before_relu", "after_relu"), default=None,
+    parser.add_argument("--bn-position", choices=BN_POSITIONS, default=None,
                         help="override the checkpoint's config")
-    parser.add_argument("--activation", choices=tuple(_ACTIVATIONS), default=None,
+    parser.add_argument("--activation", choices=tuple(ACTIVATIONS), default=None,
                         help="override the checkpoint's config")
     parser.add_argument("--epsilon", type=float, default=None, help="BN epsilon (1e-5)")
     parser.add_argument("--input-mean", type=float, default=None,
@@ -410,9 +366,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(x - {mean:g}) / {std:g} is folded into conv1)" if (mean, std) != (0.0, 1.0)
             else "float32 NHWC images, as the trained model's input")
     npz, path = save_folded(args.out, folded, kwargs, input_note=note)
-
-    from train.model import LeNet
-
     # Check against the unfolded model. Both conv implementations share the variables, and
     # inference never synchronizes, so the plain flax conv and no axis name will do.
     x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (64, 28, 28, 1)), jnp.float32)

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 
 import jaxbn.linen
+from train.conv import Conv
 
 __all__ = ["ACTIVATIONS", "BN_POSITIONS", "CONVS", "NORMS", "LeNet", "max_pool_2x2"]
 
@@ -115,8 +116,8 @@ class LeNet(nn.Module):
         bn_kwargs: Extra keyword arguments for the BN layers (e.g.
             ``{'unbiased_running_var': True}`` for ``norm='jaxbn'``), as a mapping or a
             tuple of ``(name, value)`` pairs.
-        conv: ``'flax'`` (:class:`flax.linen.Conv`) or ``'fast'`` (``train.conv.Conv``,
-            the same variables).
+        conv: ``'flax'`` (:class:`flax.linen.Conv`) or ``'fast'``
+            (:class:`train.conv.Conv`, the same variables).
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -144,18 +145,6 @@ class LeNet(nn.Module):
         _check_choice("activation", self.activation, tuple(ACTIVATIONS))
         _check_choice("conv", self.conv, CONVS)
 
-    def _conv_cls(self) -> Any:
-        if self.conv == "flax":
-            return nn.Conv
-        try:
-            from train.conv import Conv  # Lazy: an optional, separately tested module.
-        except ImportError as e:
-            raise ValueError(
-                f"LeNet.conv='fast': expected train.conv.Conv, got {type(e).__name__}: {e}; "
-                "use conv='flax'"
-            ) from e
-        return Conv
-
     def _norm(self, name: str, train: bool) -> Callable[[jax.Array], jax.Array]:
         """The BN layer called ``name`` (an identity for ``norm='none'``)."""
         if self.norm == "none":
@@ -173,7 +162,8 @@ class LeNet(nn.Module):
     def _stage(self, x: jax.Array, conv: str, features: int, bn: str, train: bool) -> jax.Array:
         """Conv 5x5 (VALID), max-pool 2, then BN and the activation in the chosen order."""
         act = ACTIVATIONS[self.activation]
-        x = self._conv_cls()(features, (5, 5), padding="VALID", name=conv)(x)
+        conv_cls = nn.Conv if self.conv == "flax" else Conv
+        x = conv_cls(features, (5, 5), padding="VALID", name=conv)(x)
         x = max_pool_2x2(x)
         norm = self._norm(bn, train)
         if self.bn_position == "before_relu":

@@ -50,10 +50,10 @@ def torch_lenet(num_classes: int = 10) -> Any:
     ``(B, 1, 28, 28)``.
 
     Args:
-      num_classes: number of logits.
+        num_classes: number of logits.
 
     Returns:
-      A freshly initialized ``torch.nn.Module``.
+        A freshly initialized ``torch.nn.Module``.
     """
     import torch
     from torch import nn
@@ -104,18 +104,18 @@ def from_torch_state_dict(
     """Converts the seed LeNet's ``state_dict`` into variables of :class:`train.model.LeNet`.
 
     Args:
-      state_dict: the PyTorch model's ``state_dict()`` (torch tensors or NumPy arrays).
-      keep_count: also store each BN's ``num_batches_tracked`` as ``batch_stats/bnX/count``
-        (int32). A ``LeNet(momentum=None)`` (cumulative average) needs it; with a float
-        momentum the model ignores it (it does not advance it either). Without it,
-        :func:`to_torch_state_dict` needs ``num_batches_tracked`` for an exact round trip.
+        state_dict: the PyTorch model's ``state_dict()`` (torch tensors or NumPy arrays).
+        keep_count: also store each BN's ``num_batches_tracked`` as ``batch_stats/bnX/count``
+            (int32). A ``LeNet(momentum=None)`` (cumulative average) needs it; with a float
+            momentum the model ignores it (it does not advance it either). Without it,
+            :func:`to_torch_state_dict` needs ``num_batches_tracked`` for an exact round trip.
 
     Returns:
-      ``{'params': ..., 'batch_stats': ...}`` for ``LeNet(norm='jaxbn' or 'flax')``, float
-      arrays in the state_dict's dtype.
+        ``{'params': ..., 'batch_stats': ...}`` for ``LeNet(norm='jaxbn' or 'flax')``, float
+        arrays in the state_dict's dtype.
 
     Raises:
-      ValueError: if keys are missing or unexpected, or a shape is not the seed's.
+        ValueError: if keys are missing or unexpected, or a shape is not the seed's.
     """
     sd = {k: _numpy(v) for k, v in state_dict.items()}
     if "dense.2.weight" not in sd:
@@ -184,15 +184,15 @@ def to_torch_state_dict(
     ``model.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})``.
 
     Args:
-      variables: ``{'params': ..., 'batch_stats': ...}`` of a LeNet with BatchNorm.
-      num_batches_tracked: PyTorch's update counter for BN layers whose ``batch_stats``
-        have no ``count``: one int for both, or ``{'bn1': n1, 'bn2': n2}``.
+        variables: ``{'params': ..., 'batch_stats': ...}`` of a LeNet with BatchNorm.
+        num_batches_tracked: PyTorch's update counter for BN layers whose ``batch_stats``
+            have no ``count``: one int for both, or ``{'bn1': n1, 'bn2': n2}``.
 
     Returns:
-      A dict of NumPy arrays with the seed LeNet's keys, in PyTorch's order.
+        A dict of NumPy arrays with the seed LeNet's keys, in PyTorch's order.
 
     Raises:
-      ValueError: if a variable is missing.
+        ValueError: if a variable is missing.
     """
     params, batch_stats = variables.get("params", {}), variables.get("batch_stats", {})
     sd: dict[str, np.ndarray] = {}

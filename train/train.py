@@ -1,0 +1,449 @@
+"""The training loop: :func:`train_and_evaluate`, in the shape of the flax examples.
+
+Every epoch: a progress bar with the running loss, one summary line, a JSON line in
+``<workdir>/metrics.jsonl``, the curves in ``<workdir>/curves.png``, and an Orbax checkpoint in
+``<workdir>/checkpoints/<step>`` (:mod:`train.checkpoints`; the last three kept). Data order
+is a pure function of ``(seed, epoch)`` and training has no other randomness, so ``--resume``
+ends with the same metrics as an uninterrupted run, also from a checkpoint in the middle of
+an epoch (``--max-steps``): the checkpoint carries the epoch's running sums.
+
+Nothing is lost: a run holds a lock on its workdir (:class:`train.workdir.WorkdirLock`;
+process 0's in a multi-process run), so a second run there is refused; a fresh run (no
+``--resume``) moves a previous run's outputs into ``<workdir>/previous/<timestamp>/``;
+``--resume`` skips damaged checkpoints (and says which, and why); a non-finite loss stops the
+run without saving; a full or read-only disk stops it with the last good checkpoint intact;
+and Ctrl-C waits for a checkpoint save in progress (further Ctrl-Cs included) before it stops.
+
+Many processes: every process of a multi-process run (:mod:`train.distributed`) calls
+:func:`train_and_evaluate` with the same arguments. ``--devices`` and ``--batch-size`` stay
+global: the mesh takes ``devices / num_processes`` devices from each process, each process
+feeds only its rows of every global batch and of every evaluation batch, and BN's
+statistics, the loss and the test metrics are reduced over all devices of all processes, so
+the run computes what one process with the same ``--devices`` computes. Only process 0
+prints the progress, writes ``metrics.jsonl`` and plots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from train import data, distributed, metrics, steps
+from train.checkpoints import Checkpoints, quiet_orbax, unfinished_saves
+from train.config import Config, check_resumable, compile_key, validate
+from train.devices import ensure_devices
+from train.errors import ConfigError, DivergedError, StorageError, WorkdirBusyError
+from train.workdir import OUTPUTS, WorkdirLock, archive_previous_run, checkpoint_steps
+
+__all__ = ["LOG_EVERY", "StepCallback", "defer_interrupts", "say", "train_and_evaluate"]
+
+#: Steps between host reads of the loss (progress bar, non-finite check).
+LOG_EVERY = 20
+
+#: ``on_step(epoch, step)``, called after each training step is dispatched.
+StepCallback = Callable[[int, int], None]
+
+
+def say(*args: Any, **kwargs: Any) -> None:
+    """``print`` on process 0 only; the other processes of a multi-process run are quiet."""
+    if distributed.is_main_process():
+        print(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def defer_interrupts(doing: str) -> Iterator[None]:
+    """Holds Ctrl-C (SIGINT) back while the block runs, then raises ``KeyboardInterrupt``.
+
+    For work that must not be cut short, such as a checkpoint save: every Ctrl-C pressed
+    meanwhile is noted (the first one with a line on stderr saying what is finishing), and
+    one ``KeyboardInterrupt`` follows the block. Only the main thread receives signals;
+    elsewhere the block runs as is.
+
+    Args:
+        doing: What is finishing, for the message (e.g. ``"saving checkpoint <path>"``).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pressed: list[int] = []
+
+    def note(signum: int, frame: Any) -> None:
+        if not pressed:
+            print(f"\ninterrupt: {doing} first; it takes a moment", file=sys.stderr,
+                  flush=True)
+        pressed.append(signum)
+
+    previous = signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _locked(workdir: Path) -> Iterator[None]:
+    """Holds the workdir's lock (process 0 does; the others learn whether it could)."""
+    lock = error = None
+    if distributed.is_main_process():
+        try:
+            lock = WorkdirLock(workdir).acquire()
+        except (WorkdirBusyError, StorageError) as e:
+            error = e
+    code = distributed.broadcast_from_main(error.exit_code if error else 0)
+    if error is not None:
+        raise error
+    if code:
+        kind = WorkdirBusyError if code == WorkdirBusyError.exit_code else StorageError
+        raise kind(f"process 0 could not lock --workdir {workdir}; its message says why")
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+@dataclasses.dataclass
+class _Run:
+    """What the epoch loop needs; built once per run."""
+
+    config: Config
+    ds: data.Dataset
+    arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # train x, y; test x, y
+    steps_per_epoch: int
+    eval_batch_size: int
+    model: Any
+    tx: optax.GradientTransformation
+    train_step: Callable[..., Any]
+    eval_step: Callable[..., Any]
+    mesh: Mesh
+    checkpoints: Checkpoints
+    workdir: Path
+    on_step: StepCallback | None
+    #: This process's shard of every global training batch: ``(index, count)``.
+    shard: tuple[int, int] = (0, 1)
+    #: Whether a previous run's outputs were moved to ``previous/`` (and said so).
+    archived: bool = False
+
+
+def _load(config: Config, devices: int) -> tuple[data.Dataset, tuple[np.ndarray, ...], int]:
+    ds = data.load_dataset(config.dataset, config.data_dir)
+    arrays = (ds.train_images[: config.train_subset], ds.train_labels[: config.train_subset],
+              ds.test_images[: config.test_subset], ds.test_labels[: config.test_subset])
+    if len(arrays[0]) < config.batch_size:
+        raise ConfigError(
+            f"--batch-size {config.batch_size}: expected at most the number of training "
+            f"images, got {len(arrays[0])} images from {ds.source}"
+        )
+    # A multiple of the devices (each gets equal rows), and no larger than the test set needs.
+    eval_batch_size = -(-min(config.eval_batch_size, len(arrays[2])) // devices) * devices
+    return ds, arrays, eval_batch_size
+
+
+@functools.lru_cache(maxsize=8)
+def _build(
+    config: Config, steps_per_epoch: int, num_classes: int, devices: tuple[jax.Device, ...],
+    mean: float, std: float,
+) -> tuple[Any, optax.GradientTransformation, Callable[..., Any], Callable[..., Any], Mesh]:
+    """Model, optimizer, jitted steps and mesh; cached (by :func:`train.config.compile_key`)
+    so that runs with the same settings in one process (tests, sweeps, a resumed run) reuse
+    the compiled steps."""
+    mesh = distributed.global_mesh(devices)
+    model = steps.make_model(config, num_classes)
+    return (model, steps.make_optimizer(config, steps_per_epoch),
+            steps.make_train_step(model, mean, std, mesh),
+            steps.make_eval_step(model, mean, std, mesh), mesh)
+
+
+def _archive(workdir: Path, config: Config) -> bool:
+    """Process 0 moves a previous run's outputs away unless resuming from a checkpoint;
+    returns whether it did (on every process)."""
+    moved = None
+    if distributed.is_main_process():
+        checkpoints = workdir / "checkpoints"
+        unfinished = [p.name for p in unfinished_saves(checkpoints)]
+        moved = archive_previous_run(workdir, config.resume)
+        if moved is not None:
+            note = f" (with an unfinished save, {', '.join(unfinished)})" if unfinished else ""
+            what = ", ".join(
+                f"checkpoints {checkpoint_steps(moved / name)}{note}" if name == "checkpoints"
+                else name for name in OUTPUTS if (moved / name).exists())
+            first = (f"--resume: no checkpoint to resume from in {checkpoints}; starting "
+                     "from scratch" if config.resume else "starting from scratch")
+            print(f"{first}: moved the previous run's {what} to {moved}"
+                  + ("" if config.resume else " (pass --resume to continue a run instead)"),
+                  flush=True)
+    return bool(distributed.broadcast_from_main(moved is not None))
+
+
+def _prepare(config: Config, workdir: Path, devices: Sequence[jax.Device],
+             on_step: StepCallback | None) -> _Run:
+    """Loads the data, builds the model, optimizer, steps and mesh, and opens checkpoints."""
+    ds, arrays, eval_batch_size = _load(config, config.devices)
+    steps_per_epoch = data.num_batches(len(arrays[0]), config.batch_size)
+    mean, std = data.pixel_stats(ds.name, dataset=ds)
+    model, tx, train_step, eval_step, mesh = _build(
+        compile_key(config), steps_per_epoch, ds.num_classes, tuple(devices), mean, std)
+    processes = jax.process_count()
+    # This process's rows of every global batch: block `index` of `processes` equal blocks.
+    rows = distributed.process_batch_slice(config.batch_size, mesh)
+    archived = _archive(workdir, config)
+    where = f"{len(devices)} {devices[0].platform} device(s)"
+    if processes > 1:
+        where += f" in {processes} processes ({len(devices) // processes} each)"
+    say(f"data: {ds.name} from {ds.source}: {len(arrays[0])} train / {len(arrays[2])} test "
+        f"images; {steps_per_epoch} steps of {config.batch_size} per epoch on {where}; "
+        f"norm={config.norm} optimizer={config.optimizer} lr={config.lr} "
+        f"schedule={config.schedule}", flush=True)
+    checkpoints = Checkpoints(workdir / "checkpoints", main=distributed.is_main_process(),
+                              say=functools.partial(say, file=sys.stderr, flush=True))
+    if checkpoints.removed:
+        say(f"removed an unfinished checkpoint save: {', '.join(map(str, checkpoints.removed))}"
+            " (a run stopped while saving)", file=sys.stderr, flush=True)
+    return _Run(config, ds, arrays, steps_per_epoch, eval_batch_size, model, tx, train_step,
+                eval_step, mesh, checkpoints, workdir, on_step,
+                shard=(rows.start // (config.batch_size // processes), processes),
+                archived=archived)
+
+
+def _check_checkpoint(run: _Run, meta: dict[str, Any], path: Path) -> None:
+    changed = check_resumable(meta.get("config", {}), run.config, path)
+    if meta.get("steps_per_epoch", run.steps_per_epoch) != run.steps_per_epoch:
+        raise ConfigError(
+            f"--resume: checkpoint {path} has {meta['steps_per_epoch']} steps per epoch, got "
+            f"{run.steps_per_epoch} (--batch-size or --train-subset changed); pass the same "
+            "values"
+        )
+    if changed:
+        say(f"warning: resuming with changed settings ({'; '.join(changed)}); the result "
+            "will differ from an uninterrupted run", file=sys.stderr)
+
+
+def _start(run: _Run) -> tuple[steps.TrainState, jax.Array, dict[str, Any] | None, list]:
+    """A fresh state, or the latest intact checkpoint's with ``--resume``."""
+    config = run.config
+    init_key, rng = jax.random.split(jax.random.key(config.seed))
+    state = steps.create_train_state(run.model, run.tx, init_key, run.ds.image_shape)
+    if not config.resume:
+        return state, rng, None, []
+    restored = run.checkpoints.restore_latest(
+        state, rng, functools.partial(_check_checkpoint, run))
+    if restored is None:
+        if not run.archived:  # Else _archive said so.
+            say(f"--resume: no checkpoint in {run.checkpoints.directory}; starting from "
+                "scratch", flush=True)
+        return state, rng, None, []
+    state, rng, meta = restored
+    step = int(meta["step"])
+    say(f"resumed from {run.checkpoints.path(step)} (epoch {meta['epoch']:g}, step {step})")
+    rows = metrics.read_metrics(run.workdir / "metrics.jsonl", step)
+    if not rows or rows[-1]["step"] != step:
+        rows.append(meta["metrics"])  # metrics.jsonl was lost or edited: the saved row.
+    return state, rng, meta, rows
+
+
+def _replicate(tree: Any, mesh: Mesh) -> Any:
+    """Puts a tree that every process holds identically on every device of ``mesh``."""
+    sharding = NamedSharding(mesh, P())
+    if sharding.is_fully_addressable:
+        return jax.device_put(tree, sharding)
+
+    def put(x: Any) -> jax.Array:
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(put, tree)
+
+
+def _last_good(checkpoint: Path | None) -> str:
+    if checkpoint is None:
+        return "No checkpoint was saved (no epoch completed)."
+    return f"Last good checkpoint: {checkpoint} (continue with --resume)."
+
+
+def _flush(pending: list[tuple[int, dict[str, jax.Array]]], epoch: int, run: _Run,
+           last_checkpoint: Path | None, bar: tqdm, sums: dict[str, Any]) -> None:
+    """Reads pending step metrics into ``sums``, stops on a non-finite loss, updates the bar."""
+    host = jax.device_get([m for _, m in pending])
+    for (step, _), m in zip(pending, host, strict=True):
+        loss = float(m["loss"])
+        if not math.isfinite(loss):
+            batch = (step - 1) % run.steps_per_epoch + 1
+            raise DivergedError(
+                f"training diverged: loss is {loss} at step {step} (epoch {epoch + 1}, batch "
+                f"{batch}/{run.steps_per_epoch}); stopped without saving. "
+                f"{_last_good(last_checkpoint)} Try a lower --lr (got {run.config.lr})."
+            )
+        sums["loss"] += loss
+        sums["correct"] += int(m["correct"])
+        sums["steps"] += 1
+    bar.update(len(pending))
+    if pending:
+        bar.set_postfix(loss=f"{float(host[-1]['loss']):.4f}")
+    pending.clear()
+
+
+def _train_epoch(run: _Run, state: steps.TrainState, epoch: int, start: int,
+                 sums: dict[str, Any], last_checkpoint: Path | None
+                 ) -> tuple[steps.TrainState, dict[str, float]]:
+    """Trains from batch ``start`` of ``epoch`` to its end (or to ``max_steps``), adding
+    each step's loss and correct predictions to the epoch's running ``sums``."""
+    config, step = run.config, int(state.step)
+    stop = run.steps_per_epoch if config.max_steps is None else \
+        min(run.steps_per_epoch, start + config.max_steps - step)
+    batches = data.batches(run.arrays[0], run.arrays[1], config.batch_size, seed=config.seed,
+                           epoch=epoch, shard_index=run.shard[0], num_shards=run.shard[1])
+    pending: list[tuple[int, dict[str, jax.Array]]] = []
+    bar = tqdm(total=run.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/"
+               f"{config.epochs}", disable=not (config.progress and
+                                                 distributed.is_main_process()),
+               leave=False, dynamic_ncols=True)
+    t0 = t1 = time.perf_counter()
+    with bar:
+        for i, (images, labels) in enumerate(batches):
+            if i < start:
+                continue  # Resuming mid-epoch: same order, skip what was done.
+            if i >= stop:
+                break
+            batch = distributed.make_global_batch((images, labels), run.mesh)
+            state, step_metrics = run.train_step(state, *batch)
+            step += 1
+            pending.append((step, step_metrics))
+            if run.on_step is not None:
+                run.on_step(epoch, step)
+            if i == start:  # Throughput is timed from the end of the first step (compiles).
+                jax.block_until_ready(step_metrics)
+                t1 = time.perf_counter()
+            if len(pending) >= LOG_EVERY:
+                _flush(pending, epoch, run, last_checkpoint, bar, sums)
+        _flush(pending, epoch, run, last_checkpoint, bar, sums)
+        jax.block_until_ready(state)
+    t2, n = time.perf_counter(), step - int(start + epoch * run.steps_per_epoch)
+    return state, {
+        "train_loss": sums["loss"] / max(sums["steps"], 1),
+        "train_accuracy": sums["correct"] / max(sums["steps"] * config.batch_size, 1),
+        "images_per_sec": (n - 1) * config.batch_size / (t2 - t1) if n > 1 else 0.0,
+        "train_seconds": t2 - t0,
+    }
+
+
+def _epoch_sums(meta: dict[str, Any] | None, start: int) -> dict[str, Any]:
+    """The running sums to continue the epoch from: a mid-epoch checkpoint's, else zeros."""
+    saved = (meta or {}).get("epoch_sums")
+    if start and saved is not None and saved["steps"] == start:
+        return dict(saved)
+    return {"loss": 0.0, "correct": 0, "steps": 0}
+
+
+def _record(run: _Run, state: steps.TrainState, rng: jax.Array, rows: list[dict[str, Any]],
+            sums: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    """Writes the metrics and the plot, starts the checkpoint's save, prints the epoch line.
+
+    The metrics go first: a run stopped in between has a metrics row newer than its latest
+    checkpoint, which ``--resume`` drops, rather than a checkpoint without its row.
+    """
+    row = rows[-1]
+    if distributed.is_main_process():
+        metrics.write_metrics(run.workdir / "metrics.jsonl", rows)
+        metrics.write_plot(rows, run.workdir / "curves.png")
+    meta = {"epoch": row["epoch"], "step": row["step"],
+            "steps_per_epoch": run.steps_per_epoch, "config": dataclasses.asdict(run.config),
+            "metrics": row, "epoch_sums": sums}
+    with defer_interrupts(f"saving checkpoint {run.checkpoints.path(row['step'])}"):
+        checkpoint = run.checkpoints.save(state, rng, meta)
+    say(metrics.epoch_line(row, run.config.epochs), flush=True)
+    return meta, checkpoint
+
+
+def _train(run: _Run) -> dict[str, Any]:
+    """The epoch loop; returns the last epoch's metrics."""
+    config, spe = run.config, run.steps_per_epoch
+    state, rng, meta, rows = _start(run)
+    state = _replicate(state, run.mesh)
+    last = run.checkpoints.path(meta["step"]) if meta else None
+    total = spe * config.epochs
+    while int(state.step) < min(total, config.max_steps or total):
+        epoch, start = divmod(int(state.step), spe)
+        sums = _epoch_sums(meta, start)
+        state, train = _train_epoch(run, state, epoch, start, sums, last)
+        test = steps.evaluate(run.eval_step, state, run.arrays[2], run.arrays[3],
+                              run.eval_batch_size, run.mesh)
+        step = int(state.step)
+        if not (math.isfinite(test["loss"]) and steps.is_finite(state)):
+            raise DivergedError(
+                f"training diverged: the state or the test loss ({test['loss']}) is not "
+                f"finite after step {step} (epoch {epoch + 1}); stopped without saving. "
+                f"{_last_good(last)} Try a lower --lr (got {config.lr})."
+            )
+        rows.append({"epoch": round(step / spe, 6), "step": step, **train,
+                     "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+                     "lr": float(steps.make_schedule(config, spe)(step - 1)),
+                     "dataset": run.ds.name})
+        meta, last = _record(run, state, rng, rows, sums)
+    return {**meta["metrics"], "checkpoint": str(last)}
+
+
+def train_and_evaluate(
+    config: Config, workdir: str | os.PathLike[str], *, on_step: StepCallback | None = None
+) -> dict[str, Any]:
+    """Trains and evaluates the LeNet; writes metrics, plot and checkpoints into ``workdir``.
+
+    In a multi-process run (:func:`train.distributed.initialize` called before JAX
+    started) every process calls this with the same arguments; see the module docstring.
+
+    Args:
+        config: Hyperparameters.
+        workdir: Output directory (created and locked): ``metrics.jsonl``, ``curves.png``,
+            ``checkpoints/``; a previous run's are moved to ``previous/<timestamp>/`` unless
+            ``config.resume``.
+        on_step: Called as ``on_step(epoch, step)`` after each training step is dispatched
+            (``epoch`` from 0, ``step`` the global step from 1); for tests and hooks.
+
+    Returns:
+        The last epoch's metrics (``epoch``, ``step``, ``train_loss``, ``train_accuracy``,
+        ``test_loss``, ``test_accuracy``, ``images_per_sec``, ...) plus ``seconds`` (this
+        call's wall time) and the paths ``workdir``, ``checkpoint``, ``metrics``, ``plot``.
+
+    Raises:
+        ConfigError: A bad option, or one that does not fit the data, the devices or the
+            checkpoint being resumed.
+        train.errors.DataError: The data is missing or malformed.
+        WorkdirBusyError: Another run holds the workdir.
+        train.errors.CheckpointError: ``--resume`` found only damaged checkpoints.
+        StorageError: The workdir cannot be written (read-only, full, ...); the last good
+            checkpoint is kept.
+        DivergedError: The loss or the state became non-finite; the previous checkpoint is
+            kept and nothing was saved after it.
+        KeyboardInterrupt: After any pending checkpoint save has finished.
+    """
+    t0 = time.perf_counter()
+    validate(config)
+    devices = ensure_devices(config.devices)
+    workdir = Path(workdir)
+    with quiet_orbax(config.debug), _locked(workdir):
+        run = _prepare(config, workdir, devices, on_step)
+        try:
+            result = _train(run)
+        finally:
+            with defer_interrupts("finishing the checkpoint save in progress"):
+                run.checkpoints.close()
+    return {**result, "seconds": time.perf_counter() - t0, "workdir": str(workdir),
+            "metrics": str(workdir / "metrics.jsonl"), "plot": str(workdir / "curves.png")}
