@@ -1,13 +1,25 @@
 """jaxbn: Batch Normalization for JAX as pure functions over explicit state.
 
+The Flax modules (:mod:`jaxbn.linen`, :mod:`jaxbn.nnx`) and the PyTorch interop
+(:mod:`jaxbn.interop`) are submodules loaded on first use, so ``import jaxbn`` needs
+neither flax nor torch.
+
+Example:
+
 >>> import jax.numpy as jnp, jaxbn
 >>> params, stats = jaxbn.init(2)
 >>> y, stats = jaxbn.batch_norm(jnp.array([[0.0, 1.0], [2.0, 3.0]]), params, stats,
-...                             training=True)
+...                             training=True, epsilon=1e-12)
 >>> y
-Array([[-0.999995, -0.999995],
-       [ 0.999995,  0.999995]], dtype=float32)
+Array([[-1., -1.],
+       [ 1.,  1.]], dtype=float32)
 """
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from jaxbn.core import (
     BatchNormParams,
@@ -22,6 +34,11 @@ from jaxbn.core import (
     update_stats,
 )
 from jaxbn.variants import batch_renorm, ghost_batch_norm
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from jaxbn import interop as interop
+    from jaxbn import linen as linen
+    from jaxbn import nnx as nnx
 
 __version__ = "0.1.0"
 
@@ -39,3 +56,16 @@ __all__ = [
     "normalize",
     "update_stats",
 ]
+
+_LAZY = ("interop", "linen", "nnx")
+
+
+def __getattr__(name: str) -> ModuleType:
+    """Imports the submodules ``linen``, ``nnx`` (need flax) and ``interop`` on first use."""
+    if name in _LAZY:
+        return importlib.import_module(f"jaxbn.{name}")
+    raise AttributeError(f"module 'jaxbn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -403,7 +403,7 @@ X = np.ones((4, 3), np.float32)
 
 
 def test_error_non_floating_input():
-    with pytest.raises(ValueError, match=r"floating-point input, got dtype int32"):
+    with pytest.raises(ValueError, match=r"floating-point \(or complex\) input, got dtype int32"):
         jaxbn.batch_norm(X.astype(np.int32), None, None, training=True)
 
 
@@ -493,11 +493,20 @@ def test_unsynced_bn_in_shard_map_with_replicated_params(mesh):
     np.testing.assert_allclose(g.bias, want[1], rtol=1e-5, atol=1e-5)
 
 
-def test_error_traced_epsilon_in_training():
-    """A traced epsilon is fine in inference but named clearly when batch statistics are used."""
+def test_traced_hyperparameters_are_used_unchecked():
+    """Traced momentum/epsilon (jit arguments) work, as documented: used as given, unchecked."""
     params, stats = jaxbn.init(3)
-    ok = jax.jit(lambda x, e: jaxbn.batch_norm(x, params, stats, training=False, epsilon=e)[0])
-    assert ok(X, 1e-5).shape == X.shape
-    bad = jax.jit(lambda x, e: jaxbn.batch_norm(x, params, stats, training=True, epsilon=e)[0])
-    with pytest.raises(ValueError, match=r"epsilon must be a static Python float .* traced"):
-        bad(X, 1e-5)
+    x = _rng(9).normal(size=(6, 3)).astype(np.float32)
+    step = jax.jit(lambda x, m, e: jaxbn.batch_norm(x, params, stats, training=True,
+                                                     momentum=m, epsilon=e))
+    y, new = step(x, 0.9, 1e-3)
+    y_ref, new_ref = jaxbn.batch_norm(x, params, stats, training=True, momentum=0.9,
+                                      epsilon=1e-3)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(new.var, new_ref.var, rtol=1e-6)
+    # Out of range but traced: no check, no clamp; the documented formula is applied as is.
+    _, odd = step(x, 1.5, 1e-3)
+    np.testing.assert_allclose(odd.mean, -0.5 * x.mean(0), rtol=1e-5, atol=1e-6)
+    # The same values given as numbers are refused.
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\].*got 1.5"):
+        jaxbn.batch_norm(x, params, stats, training=True, momentum=1.5)

@@ -357,7 +357,7 @@ def test_momentum_none_with_flax_checkpoint():
     v = nn.BatchNorm().init(jax.random.key(0), x, use_running_average=False)
     bn = bn_linen.BatchNorm(momentum=None)
     bn.apply(v, x, use_running_average=True)  # inference needs no count
-    with pytest.raises(ValueError, match=r"batch_stats/count.*got batch_stats without it"):
+    with pytest.raises(ValueError, match=r"momentum=None .* in 'batch_stats/count' .* got none"):
         bn.apply(v, x, use_running_average=False, mutable=["batch_stats"])
 
 
@@ -372,9 +372,12 @@ def test_init_semantics():
     # ... and does not update the statistics.
     np.testing.assert_array_equal(v_ours[1]["batch_stats"]["mean"], jnp.zeros(3))
     np.testing.assert_array_equal(v_ours[1]["batch_stats"]["var"], jnp.ones(3))
-    # Training on such a batch is the core's error (PyTorch's rule), not a zero variance.
-    with pytest.raises(ValueError, match="more than 1 value per feature"):
-        bn_linen.BatchNorm().apply(v_ours[1], x, use_running_average=False, mutable=["batch_stats"])
+    # Training on such a batch follows flax too: variance 0, output = bias, stats updated.
+    kw = dict(use_running_average=False, mutable=["batch_stats"])
+    y_ref, upd_ref = nn.BatchNorm(use_fast_variance=False).apply(v_ref[1], x, **kw)
+    y, upd = bn_linen.BatchNorm().apply(v_ours[1], x, **kw)
+    np.testing.assert_array_equal(y, v_ours[1]["params"]["bias"][None])
+    assert_trees_close((y, upd), (y_ref, upd_ref), rtol=1e-6, atol=1e-6)
 
 
 def test_use_running_average_must_be_given_once():

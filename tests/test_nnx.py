@@ -285,7 +285,7 @@ def test_momentum_none_without_count():
     bn.momentum = None  # e.g. switched after loading a flax checkpoint
     x = jnp.arange(6.0).reshape(2, 3)
     bn(x, use_running_average=True)  # inference needs no count
-    with pytest.raises(ValueError, match=r"`count` BatchStat.*got a module without it"):
+    with pytest.raises(ValueError, match=r"momentum=None .* in a `count` BatchStat .* got none"):
         bn(x)
 
 
