@@ -18,6 +18,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxbn import core
 from jaxbn.core import (
@@ -221,12 +223,13 @@ def ghost_batch_norm(
     g = gfeats.index(b)
     gparams = None if params is None else jax.tree.map(
         lambda p: jnp.broadcast_to(jnp.expand_dims(p, g), (groups, *p.shape)), params)
-    ms = None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(split)
-    y, m = core.batch_normalize(x.reshape(split), gparams, axis=gfeats, epsilon=epsilon,
-                                mask=ms, axis_name=axis_name,
-                                axis_index_groups=axis_index_groups,
+    xg, restore = _splittable(x, b, groups)
+    ms = None if mask is None else _splittable(jnp.broadcast_to(mask, x.shape), b, groups)[0]
+    y, m = core.batch_normalize(xg.reshape(split), gparams, axis=gfeats, epsilon=epsilon,
+                                mask=None if ms is None else ms.reshape(split),
+                                axis_name=axis_name, axis_index_groups=axis_index_groups,
                                 fast_variance=fast_variance, dtype=dtype)
-    y = y.reshape(x.shape)
+    y = restore(y.reshape(x.shape))
     if stats is None or not training:
         return y, stats
     # Put the virtual-batch axis of the statistics first.
@@ -239,6 +242,30 @@ def ghost_batch_norm(
     avg = Moments((m.mean * has).sum(0) / k, (m.var * has).sum(0) / k, m.count.sum(0))
     new_stats = core.update_stats(stats, avg, momentum=momentum, unbiased_running_var=False)
     return y, jax.tree.map(lax.stop_gradient, new_stats)
+
+
+def _splittable(x: Array, b: int, groups: int) -> tuple[Array, Callable[[Array], Array]]:
+    """``x``, resharded if need be so that axis ``b`` can be split into ``groups`` blocks.
+
+    Under ``jit`` with axis ``b`` sharded over explicit mesh axes, splitting it keeps the
+    sharding on the blocks, which needs ``groups`` to be a multiple of the number of shards.
+    Otherwise (a virtual batch spans devices, or devices hold parts of several) axis ``b``
+    is gathered first, one all-gather of ``x``, and the result is sharded back.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    spec = tuple(getattr(sharding, "spec", ()))
+    entry = spec[b] if b < len(spec) else None
+    if mesh is None or entry is None:
+        return x, lambda y: y
+    names = entry if isinstance(entry, tuple) else (entry,)
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    explicit = [n for n in names if types.get(n) == AxisType.Explicit]
+    if not explicit or groups % math.prod(mesh.shape[n] for n in explicit) == 0:
+        return x, lambda y: y
+    gathered = P(*(None if a == b else e for a, e in enumerate(spec)))
+    return (jax.sharding.reshard(x, NamedSharding(mesh, gathered)),
+            lambda y: jax.sharding.reshard(y, sharding))
 
 
 def _int(name: str, value: Any) -> int:
