@@ -1272,8 +1272,8 @@ def batch_norm(
     Hyperparameters (``momentum``, ``epsilon``) may be traced, e.g. ``jit`` arguments that
     sweep them without recompiling: a traced value has no value at trace time, so it is
     used as given, unchecked (a traced ``momentum`` of 1.5 moves the running statistics
-    away from the data; a traced ``epsilon`` of -1 can give NaN). Numbers and concrete
-    arrays are checked.
+    away from the data; a traced ``epsilon`` of -1 gives NaN or infinities). Numbers and
+    concrete scalar arrays are checked.
 
     Example, a jitted training step and an inference call:
 

@@ -62,7 +62,9 @@ class BatchNorm(nnx.Module):
 
     As in flax, one value per feature in training is allowed (variance 0, output ``bias``:
     ``nnx.tabulate(model, jnp.ones((1, n)))`` and ensembles vmapped over single examples
-    work), and complex inputs are normalized (complex mean, real variance).
+    work), and complex inputs are normalized (complex mean, real variance; the running mean
+    keeps the dtype of the ``mean`` BatchStat, so a float32 one stores the real part, as
+    flax's does: make it complex to keep the whole mean).
 
     Extras: ``momentum=None`` is PyTorch's cumulative moving average, which needs the number
     of updates so far; the module then has one more :class:`flax.nnx.BatchStat`, ``count``
@@ -237,7 +239,10 @@ class BatchNorm(nnx.Module):
         y, new_stats = _modules.apply(self, x, _modules.params(scale, bias), stats,
                                       training=training, mask=mask, dtype=out_dtype)
         if training:
-            self.mean[...] = new_stats.mean
+            mean = new_stats.mean
+            if jnp.iscomplexobj(mean) and not jnp.iscomplexobj(self.mean[...]):
+                mean = mean.real  # a real BatchStat keeps the real part, as flax.nnx's does
+            self.mean[...] = mean
             self.var[...] = new_stats.var
             if count is not None:
                 count[...] = new_stats.count

@@ -510,3 +510,71 @@ def test_traced_hyperparameters_are_used_unchecked():
     # The same values given as numbers are refused.
     with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\].*got 1.5"):
         jaxbn.batch_norm(x, params, stats, training=True, momentum=1.5)
+
+
+# ----------------------------------------------------------------------------------------
+# Complex inputs (flax's convention): complex mean, real variance E|x - mean|^2.
+
+
+def _complex_batch(shape=(D * 4, 3), seed=10):
+    r = _rng(seed)
+    return (r.normal(1, 2, shape) + 1j * r.normal(-2, 1, shape)).astype(np.complex64)
+
+
+@pytest.mark.parametrize("fast_variance", [False, True])
+def test_complex_matches_reference(fast_variance):
+    x = _complex_batch()
+    params, stats = _params(3), _stats(3)
+    y, new = jaxbn.batch_norm(x, params, stats, training=True, momentum=0.9,
+                              fast_variance=fast_variance)
+    xd = x.astype(np.complex128)
+    mean, var = xd.mean(0), (np.abs(xd - xd.mean(0)) ** 2).mean(0)
+    want = (xd - mean) / np.sqrt(var + 1e-5) * np.asarray(params.scale) + np.asarray(params.bias)
+    assert y.dtype == jnp.complex64 and new.var.dtype == jnp.float32
+    np.testing.assert_allclose(y, want, rtol=RTOL, atol=RTOL)
+    np.testing.assert_allclose(new.mean, 0.9 * np.asarray(stats.mean) + 0.1 * mean, rtol=RTOL)
+    np.testing.assert_allclose(new.var, 0.9 * np.asarray(stats.var) + 0.1 * var, rtol=RTOL)
+    y_eval, _ = jaxbn.batch_norm(x, params, new, training=False)
+    assert y_eval.dtype == jnp.complex64
+
+
+@pytest.mark.parametrize("kind", ["vmap", "shard_map"])
+def test_complex_synced_equals_whole_batch(kind, mesh):
+    x, mask = _complex_batch(), _uneven_batch(shape=(D * 4, 3))[1]
+    params = _params(3)
+
+    def fn(x, mask, axis_name):
+        return jaxbn.batch_norm(x, params, None, training=True, mask=mask,
+                                axis_name=axis_name)
+
+    def loss(x, run):
+        return jnp.sum(jnp.abs(run(x)[0]) ** 2 * jnp.arange(3.0))
+
+    got = jax.value_and_grad(loss)(x, lambda x: _run_synced(kind, fn, x, mask, mesh))
+    want = jax.value_and_grad(loss)(x, lambda x: fn(x, mask, None))
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-5)
+
+
+def test_complex_gradients_match_plain_autodiff():
+    """The custom derivative rule agrees with JAX's own derivatives of the formula."""
+    x = _complex_batch((12, 3))
+    params = _params(3)
+
+    def plain(x, p):
+        mean = x.mean(0)
+        var = jnp.mean(jnp.abs(x - mean) ** 2, 0)
+        return (x - mean) * jax.lax.rsqrt(var + 1e-5) * p.scale + p.bias
+
+    def loss(f):
+        return lambda x, p: jnp.sum(jnp.sin(f(x, p).real) + jnp.cos(f(x, p).imag))
+
+    ours = lambda x, p: jaxbn.batch_norm(x, p, None, training=True)[0]  # noqa: E731
+    got = jax.grad(loss(ours), argnums=(0, 1))(x, params)
+    want = jax.grad(loss(plain), argnums=(0, 1))(x, params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    t = _complex_batch((12, 3), seed=11)
+    np.testing.assert_allclose(jax.jvp(lambda x: ours(x, params), (x,), (t,))[1],
+                               jax.jvp(lambda x: plain(x, params), (x,), (t,))[1],
+                               rtol=1e-4, atol=1e-5)
