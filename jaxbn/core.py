@@ -427,7 +427,8 @@ def validate(
       momentum: running-average decay, a number in [0, 1], or ``None``.
       epsilon: a number > 0 (also after rounding to the statistics' dtype).
       dtype: output dtype or ``None``.
-      axis_name: mapped axis name, which must be bound here, or ``None``.
+      axis_name: mapped axis name, which must be bound here when batch statistics are used,
+        or ``None``.
       axis_index_groups: a partition of ``axis_name``'s indices into equal groups, or
         ``None``.
       mask: boolean array broadcastable to ``x``, or ``None``.
@@ -458,7 +459,9 @@ def validate(
     _check_momentum(momentum)
     _check_epsilon(epsilon, x.dtype)
     _check_dtype(dtype, x.dtype)
-    _check_axis_name(axis_name, axis_index_groups)
+    use_batch = training or stats is None
+    if use_batch:
+        _check_axis_name(axis_name, axis_index_groups)  # unused (may be unbound) otherwise
     feats = feature_axes(x.ndim, axis)
     fshape = tuple(x.shape[a] for a in feats)
     if params is not None:
@@ -469,7 +472,7 @@ def validate(
         _check_feature_shape("stats.var", stats.var, fshape, axis)
     mask = None if mask is None else jnp.asarray(mask)
     _check_mask(mask, x.shape)
-    if (training or stats is None) and axis_name is None and _per_feature(x.shape, feats) <= 1:
+    if use_batch and axis_name is None and _per_feature(x.shape, feats) <= 1:
         raise ValueError(
             f"expected more than 1 value per feature when using batch statistics, got input "
             f"shape {x.shape} with features along axis {axis!r}; use a larger batch, or "

@@ -7,7 +7,9 @@ unpacks ``tests/`` and ``pyproject.toml`` (flax's pytest settings, warnings as e
 included), and runs the tests listed below in one pytest process with the plugin
 ``tests/flax_swap.py``, which sets ``flax.linen.BatchNorm`` and ``flax.nnx.BatchNorm`` to
 jaxbn's before flax's test modules import them. One process, as in a user's session:
-state that one test leaves behind (``nnx.tabulate``'s, for one) reaches the next.
+state that one test leaves behind (``nnx.tabulate``'s, for one) reaches the next. In a
+whole session the run starts in the background right after collection (tests/conftest.py)
+and overlaps the other tests; the test, moved to the end, waits for it.
 
 The list: every test of the files below that constructs a BatchNorm (found by running
 each whole file with construction recorded; ``python -m pytest FILE`` in flax's sdist).
@@ -15,6 +17,7 @@ each whole file with construction recorded; ``python -m pytest FILE`` in flax's 
 
 from __future__ import annotations
 
+import atexit
 import importlib.metadata
 import json
 import os
@@ -25,6 +28,7 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -200,28 +204,64 @@ def _flax_tests() -> Path:
     return root
 
 
-def test_flax_batchnorm_tests_pass_with_jaxbn(tmp_path):
-    """All listed tests pass, each having built jaxbn's module, in one process."""
-    root = _flax_tests()
-    report = tmp_path / "report.json"
+_RUN: dict[str, Any] = {}
+
+
+def start() -> None:
+    """Starts flax's tests in a subprocess (once), so they can overlap the rest of a session.
+
+    tests/conftest.py calls this right after collection when the test below is selected
+    (and moves that test to the end); on its own the test starts them itself.
+    """
+    if _RUN:
+        return
+    try:
+        root = _flax_tests()
+    except pytest.skip.Exception as e:
+        _RUN["skip"] = str(e)
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="jaxbn-flax-"))
     env = dict(os.environ)
     # tests/conftest.py's fake devices are not flax's set-up (its tests set their own).
     env["XLA_FLAGS"] = re.sub(r"--xla_force_host_platform_device_count=\d+", "",
                               env.get("XLA_FLAGS", "")).strip()
     env["JAX_PLATFORMS"] = "cpu"
-    env["JAXBN_FLAX_REPORT"] = str(report)
+    env["JAXBN_FLAX_REPORT"] = str(tmp / "report.json")
     env["PYTHONPATH"] = os.pathsep.join(
         [str(REPO), str(REPO / "tests"), *filter(None, [env.get("PYTHONPATH")])])
     cmd = [sys.executable, "-m", "pytest", "-p", "flax_swap", "-p", "no:cacheprovider", "-q",
            "--no-header", "-rfE", *(f"tests/{t}" for t in FLAX_BATCHNORM_TESTS)]
-    proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=900)
-    log = (proc.stdout + proc.stderr)[-6000:]
-    assert report.exists(), f"flax's tests did not run (exit {proc.returncode}):\n{log}"
+    log = open(tmp / "log.txt", "w")  # noqa: SIM115 - closed in _finish
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    atexit.register(lambda: proc.poll() is None and proc.kill())
+    _RUN.update(proc=proc, tmp=tmp, log=log)
+
+
+def _finish() -> tuple[int, str, dict[str, Any]]:
+    proc = _RUN["proc"]
+    try:
+        code = proc.wait(timeout=900)
+    finally:
+        _RUN["log"].close()
+    tmp = _RUN["tmp"]
+    log = (tmp / "log.txt").read_text()[-6000:]
+    report = tmp / "report.json"
+    assert report.exists(), f"flax's tests did not run (exit {code}):\n{log}"
     results = json.loads(report.read_text())
+    shutil.rmtree(tmp, ignore_errors=True)
+    return code, log, results
+
+
+def test_flax_batchnorm_tests_pass_with_jaxbn():
+    """All listed tests pass, each having built jaxbn's module, in one process."""
+    start()
+    if "skip" in _RUN:
+        pytest.skip(_RUN["skip"])
+    code, log, results = _finish()
     outcome = {t: results.get(f"tests/{t}", {}).get("outcome", "not run")
                for t in FLAX_BATCHNORM_TESTS}
     failed = {t: o for t, o in outcome.items() if o != "passed"}
     assert not failed, f"{len(failed)} of flax's tests did not pass: {failed}\n{log}"
     not_swapped = [t for t in FLAX_BATCHNORM_TESTS if not results[f"tests/{t}"]["jaxbn"]]
     assert not not_swapped, f"these tests did not build jaxbn's BatchNorm: {not_swapped}"
-    assert proc.returncode == 0, log
+    assert code == 0, log

@@ -500,7 +500,11 @@ def test_export_command_line(tmp_path, images, lenet_variables, capsys):
     # The training program standardizes its inputs; the export takes pixels / 255.
     mean, std = lenet.PIXEL_STATS["fashion_mnist"]
     want = LeNet().apply(lenet_variables, (images[:64] - mean) / std, train=False)
-    np.testing.assert_allclose(apply_fn(folded, images[:64]), want, atol=1e-5, rtol=1e-5)
+    # The standardization is folded into conv1 too: the same maths in another order, whose
+    # float32 rounding accumulates over conv1, conv2 and fc1 (25, 500 and 800 terms); seen
+    # up to 3.4e-5 relative on one logit.
+    atol = 1e-4 * float(jnp.abs(want).max())
+    np.testing.assert_allclose(apply_fn(folded, images[:64]), want, atol=atol, rtol=1e-4)
 
     assert export.main(["--workdir", str(tmp_path / "nowhere"), "--out", str(out)]) == 1
     assert "expected orbax checkpoints in" in capsys.readouterr().err

@@ -114,6 +114,21 @@ def _jacobian(f: Callable[[np.ndarray], np.ndarray], z: np.ndarray, h: float) ->
     return np.stack(cols, axis=-1)
 
 
+class _Want(dict):
+    """Reference quantities; the Hessians are computed on first use."""
+
+    def __init__(self, lazy: Callable[[], dict[str, np.ndarray]], **values: np.ndarray):
+        super().__init__(values)
+        self._lazy: Callable[[], dict[str, np.ndarray]] | None = lazy
+
+    def __missing__(self, key: str) -> np.ndarray:
+        if self._lazy is None:
+            raise KeyError(key)
+        lazy, self._lazy = self._lazy, None
+        self.update(lazy())
+        return self[key]
+
+
 class Case(NamedTuple):
     x: np.ndarray
     x2: np.ndarray  # a second batch (scan's second step)
@@ -122,7 +137,7 @@ class Case(NamedTuple):
     stats: jaxbn.BatchStats
     g: np.ndarray  # output cotangent of the loss sum(y * g)
     t: np.ndarray  # input tangent (x, scale, bias, flattened)
-    want: dict[str, np.ndarray]
+    want: _Want
 
 
 @functools.cache
@@ -148,13 +163,15 @@ def _case(subject: str) -> Case:
         zz = np.concatenate([xf, scale, bias])
         return _jacobian(f, zz, 1e-5)[:, :nx].T @ np.cos(f(zz))
 
-    hess = _jacobian(grad_sin, x.ravel(), 1e-4)
+    def hessians():  # the costly part (central differences of central differences): lazily
+        hess = _jacobian(grad_sin, x.ravel(), 1e-4)
+        return dict(hess=hess.reshape(SHAPE + SHAPE), hvp=(hess @ t[:nx]).reshape(SHAPE))
+
     y2, mean2, var2, _ = _ref_step(subject, x2, mask, scale, bias, mean, var)
     grad = jac.T @ g.ravel()
-    want = dict(y=y, mean=mean, var=var, dx=grad[:nx].reshape(SHAPE), dscale=grad[nx:nx + c],
-                dbias=grad[nx + c:], jvp=(jac @ t).reshape(SHAPE),
-                jac=jac[:, :nx].reshape(SHAPE + SHAPE), hess=hess.reshape(SHAPE + SHAPE),
-                hvp=(hess @ t[:nx]).reshape(SHAPE), y2=y2, mean2=mean2, var2=var2)
+    want = _Want(hessians, y=y, mean=mean, var=var, dx=grad[:nx].reshape(SHAPE),
+                 dscale=grad[nx:nx + c], dbias=grad[nx + c:], jvp=(jac @ t).reshape(SHAPE),
+                 jac=jac[:, :nx].reshape(SHAPE + SHAPE), y2=y2, mean2=mean2, var2=var2)
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     return Case(f32(x), f32(x2), mask, jaxbn.BatchNormParams(f32(scale), f32(bias)),
                 jaxbn.BatchStats(f32(mean0), f32(var0), jnp.array(3, jnp.int32)), f32(g),
@@ -280,7 +297,6 @@ def _hvp(step, c: Case):
 
 
 TRANSFORMS: dict[str, Callable[..., dict[str, Any]]] = {
-    "eager": _values,
     "jit": lambda step, c: _values(jax.jit(step), c),
     "vmap": _mapped(jax.vmap),
     "pmap": _mapped(jax.pmap),
