@@ -1278,7 +1278,9 @@ def batch_norm(
     away from the data; a traced ``epsilon`` of -1 gives NaN or infinities). Numbers and
     concrete scalar arrays are checked.
 
-    Example, a jitted training step and an inference call:
+    Example:
+
+    A jitted training step and an inference call.
 
     >>> import jax, jax.numpy as jnp
     >>> import jaxbn

@@ -190,6 +190,8 @@ def from_torch(
         length, or a ``num_batches_tracked`` that is not a non-negative integer scalar that
         fits int32.
 
+    Example:
+
     >>> import numpy as np
     >>> state = {'weight': np.array([2.0, 1.0], np.float32), 'bias': np.zeros(2, np.float32),
     ...          'running_mean': np.array([0.5, -1.0], np.float32),
@@ -271,6 +273,8 @@ def to_torch(
     Raises:
       ValueError: if the arrays are not 1-d of one common length.
 
+    Example:
+
     >>> import jaxbn
     >>> params, stats = jaxbn.init(2)
     >>> state = to_torch(params, stats, prefix='bn.')
@@ -315,6 +319,8 @@ def torch_kwargs(momentum: float | None = 0.1, eps: float = 1e-5) -> dict[str, A
 
     Raises:
       ValueError: if ``momentum`` is outside [0, 1] or ``eps <= 0``.
+
+    Example:
 
     >>> torch_kwargs()
     {'axis': 1, 'momentum': 0.9, 'unbiased_running_var': True, 'epsilon': 1e-05}
@@ -393,6 +399,8 @@ def commutes_with_max_pool(
     Returns:
       A Python bool.
 
+    Example:
+
     >>> import jax.numpy as jnp, jaxbn
     >>> params, stats = jaxbn.init(2)
     >>> commutes_with_max_pool(params, stats)
@@ -453,6 +461,8 @@ def fold_into_conv(
     Raises:
       ValueError: if the shapes disagree, ``stats`` is ``None``, or ``through_max_pool`` and
         some channel has ``a < 0`` (or the values are traced).
+
+    Example:
 
     >>> import jax, jax.numpy as jnp, jaxbn
     >>> kernel = jnp.sin(jnp.arange(72.0)).reshape(3, 3, 2, 4)
@@ -516,6 +526,8 @@ def fold_into_dense(
     Raises:
       ValueError: if the shapes disagree or ``stats`` is ``None``.
 
+    Example:
+
     >>> import jax, jax.numpy as jnp, jaxbn
     >>> kernel, x = jnp.ones((3, 2)), jnp.array([[1.0, 2.0, 3.0]])
     >>> params = jaxbn.BatchNormParams(jnp.array([2.0, 1.0]), jnp.array([0.0, 1.0]))
@@ -561,6 +573,8 @@ def fold_into_next_conv(
 
     Raises:
       ValueError: if the shapes disagree or ``stats`` is ``None``.
+
+    Example:
 
     >>> import jax, jax.numpy as jnp, jaxbn
     >>> params, stats = jaxbn.init(2)
@@ -612,6 +626,8 @@ def fold_into_next_dense(
 
     Raises:
       ValueError: if the shapes disagree or ``stats`` is ``None``.
+
+    Example:
 
     >>> import jax.numpy as jnp, jaxbn
     >>> params, stats = jaxbn.init(2)

@@ -90,7 +90,9 @@ class BatchNorm(nn.Module):
       virtual_batch_size: use Ghost BatchNorm (:func:`jaxbn.ghost_batch_norm`) with
         statistics per virtual batch of this many examples (along axis 0).
 
-    Example, a training step and an evaluation step:
+    Example:
+
+    A training step and an evaluation step.
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxbn.linen import BatchNorm

@@ -99,12 +99,12 @@ class BatchNorm(nnx.Module):
       rngs: random number generators for the initializers.
       bias_metadata: metadata of the ``bias`` Param.
       scale_metadata: metadata of the ``scale`` Param.
-      unbiased_running_var: keep the unbiased batch variance in the running variance.
-      renorm: use Batch Renormalization (:func:`jaxbn.batch_renorm`) in training.
-      renorm_r_max: bound of Batch Renormalization's scale correction ``r``.
-      renorm_d_max: bound of Batch Renormalization's shift correction ``d``.
-      virtual_batch_size: use Ghost BatchNorm (:func:`jaxbn.ghost_batch_norm`) with
-        statistics per virtual batch of this many examples (along axis 0).
+      unbiased_running_var: store ``n / (n - 1)`` times the batch variance, PyTorch's rule.
+      renorm: train with :func:`jaxbn.batch_renorm` instead of plain BatchNorm.
+      renorm_r_max: ``r_max`` of :func:`jaxbn.batch_renorm`.
+      renorm_d_max: ``d_max`` of :func:`jaxbn.batch_renorm`.
+      virtual_batch_size: train with :func:`jaxbn.ghost_batch_norm`, virtual batches of
+        this many examples along axis 0.
 
     Example:
 
@@ -189,17 +189,12 @@ class BatchNorm(nnx.Module):
         self.renorm_d_max = renorm_d_max
         self.virtual_batch_size = virtual_batch_size
 
-    def __call__(
-        self,
-        x: jax.typing.ArrayLike,
-        use_running_average: bool | None = None,
-        *,
-        mask: jax.typing.ArrayLike | None = None,
-    ) -> jax.Array:
-        """Normalizes ``x`` with batch or running statistics.
+    def __call__(self, x: jax.typing.ArrayLike, use_running_average: bool | None = None, *,
+                 mask: jax.typing.ArrayLike | None = None) -> jax.Array:
+        """Applies the layer: batch statistics in training, running ones in evaluation.
 
         Args:
-          x: the input to normalize.
+          x: the array to normalize, features along ``axis``.
           use_running_average: if True, use the running statistics; takes precedence over
             the attribute of the same name.
           mask: optional array broadcastable to ``x`` (converted to bool); ``False``

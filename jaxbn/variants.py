@@ -70,23 +70,13 @@ def batch_renorm(
     computes at test time. ``r_max=1, d_max=0`` is plain BatchNorm. Inference is
     :func:`jaxbn.batch_norm` with the running statistics. Real inputs only.
 
+    The arguments not listed below are :func:`jaxbn.batch_norm`'s, with the same meaning.
+
     Args:
-      x: input, as in :func:`jaxbn.batch_norm`.
-      params: affine parameters or ``None``, as in :func:`jaxbn.batch_norm`.
       stats: running statistics (required: the corrections are relative to them).
-      training: static Python bool, as in :func:`jaxbn.batch_norm`.
       r_max: bound (>= 1) of the scale correction ``r``.
       d_max: bound (>= 0) of the shift correction ``d``, in running standard deviations.
         Like ``momentum`` and ``epsilon``, the bounds may be traced and are then unchecked.
-      axis: as in :func:`jaxbn.batch_norm`.
-      momentum: as in :func:`jaxbn.batch_norm`.
-      epsilon: as in :func:`jaxbn.batch_norm`.
-      unbiased_running_var: as in :func:`jaxbn.batch_norm`.
-      axis_name: as in :func:`jaxbn.batch_norm`.
-      axis_index_groups: as in :func:`jaxbn.batch_norm`.
-      mask: as in :func:`jaxbn.batch_norm`.
-      fast_variance: as in :func:`jaxbn.batch_norm`.
-      dtype: as in :func:`jaxbn.batch_norm`.
 
     Returns:
       ``(y, new_stats)`` as :func:`jaxbn.batch_norm`.
@@ -155,22 +145,11 @@ def ghost_batch_norm(
     unbiased per virtual batch first when ``unbiased_running_var``). Inference is plain
     :func:`jaxbn.batch_norm`.
 
+    The arguments not listed below are :func:`jaxbn.batch_norm`'s, with the same meaning.
+
     Args:
-      x: input, as in :func:`jaxbn.batch_norm`.
-      params: affine parameters or ``None``, as in :func:`jaxbn.batch_norm`.
-      stats: running statistics or ``None``, as in :func:`jaxbn.batch_norm`.
-      training: static Python bool, as in :func:`jaxbn.batch_norm`.
       virtual_batch_size: examples per virtual batch; must divide the batch size.
       batch_axis: the axis that holds the examples (not a feature axis).
-      axis: as in :func:`jaxbn.batch_norm`.
-      momentum: as in :func:`jaxbn.batch_norm`.
-      epsilon: as in :func:`jaxbn.batch_norm`.
-      unbiased_running_var: as in :func:`jaxbn.batch_norm`.
-      axis_name: as in :func:`jaxbn.batch_norm`.
-      axis_index_groups: as in :func:`jaxbn.batch_norm`.
-      mask: as in :func:`jaxbn.batch_norm`.
-      fast_variance: as in :func:`jaxbn.batch_norm`.
-      dtype: as in :func:`jaxbn.batch_norm`.
 
     Returns:
       ``(y, new_stats)`` as :func:`jaxbn.batch_norm`.
