@@ -234,8 +234,8 @@ def _sharded_jit(axis_type):
 
 
 def _checkpoint(step, c: Case):
-    out = _values(jax.checkpoint(step), c)
-    dx, dp = jax.grad(jax.checkpoint(_loss(step, c)), argnums=(0, 1))(c.x, c.params)
+    out = _values(jax.jit(jax.checkpoint(step)), c)
+    dx, dp = jax.jit(jax.grad(jax.checkpoint(_loss(step, c)), argnums=(0, 1)))(c.x, c.params)
     return dict(out, dx=dx, dscale=dp.scale, dbias=dp.bias)
 
 
@@ -275,8 +275,13 @@ def _jvp(step, c: Case):
 
 
 def _linearize(step, c: Case):
-    y, lin = jax.linearize(_y_of(step, c), c.x, c.params)
-    return dict(y=y, jvp=lin(*_tangent(c)))
+    @jax.jit
+    def run(x, p, tangent):
+        y, lin = jax.linearize(_y_of(step, c), x, p)
+        return y, lin(*tangent)
+
+    y, jvp = run(c.x, c.params, _tangent(c))
+    return dict(y=y, jvp=jvp)
 
 
 def _jacfwd(step, c: Case):
