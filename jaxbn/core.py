@@ -1402,10 +1402,11 @@ def _train_normalize_jvp(cfg: _TrainConfig, primals: tuple, tangents: tuple) -> 
     if x_dot is None and k1 is None and k0 is None:
         return out, (zero_from_primal(parts.y, symbolic_zeros=True), m_dot)
     w = parts.inv if parts.mul is None else parts.inv * parts.mul
+    wn = w / jnp.maximum(parts.moments.count, 1)
     # Recomputed from x and per-feature vectors when JAX transposes it, so reverse mode
     # keeps no full-size residual but x itself (x - mean, xhat are never saved).
     tangent = jax.checkpoint(functools.partial(_train_tangent, cfg))
-    y_dot = tangent(x, parts.moments.mean, parts.inv, w, parts.moments.count, mask,
+    y_dot = tangent(x, parts.moments.mean, parts.inv, w, (wn, wn * parts.inv), mask,
                     x_dot, k1, k0)
     return out, (y_dot, m_dot)
 
@@ -1414,14 +1415,15 @@ def _private_terms(x: Array) -> bool:
     return _streams(x) and x.dtype.itemsize < 4
 
 
-def _train_tangent(cfg: _TrainConfig, x: Array, mean: Array, inv: Array, w: Array, n: Array,
-                   mask: Array | None, x_dot: Array | None, k1: Array | None,
-                   k0: Array | None) -> Array:
+def _train_tangent(cfg: _TrainConfig, x: Array, mean: Array, inv: Array, w: Array,
+                   wn: tuple[Array, Array], mask: Array | None, x_dot: Array | None,
+                   k1: Array | None, k0: Array | None) -> Array:
     """The tangent of y: linear in ``x_dot``, ``k1``, ``k0``; x and per-feature otherwise.
 
     With xhat = (x - mean) * inv and w = inv * scale (times r with renorm),
     ``y_dot = w * (x_dot - sum(x_dot) / n - xhat * Re(sum(conj(xhat) * x_dot)) / n)
-    + xhat * k1 + k0``, the sums over the valid elements of every device. Its transpose
+    + xhat * k1 + k0``, the sums over the valid elements of every device (n their count;
+    ``wn`` is ``(w / n, w * inv / n)``, computed once in the forward pass). Its transpose
     is the memory-saving backward pass: two per-feature sums of the cotangent (one
     ``psum`` for both when synced, which also gives replicated parameters their global
     gradient), then one elementwise pass.
@@ -1435,8 +1437,11 @@ def _train_tangent(cfg: _TrainConfig, x: Array, mean: Array, inv: Array, w: Arra
     # Distinct copies for the two passes over x: two barriers of the same (x, mean) would be
     # merged by XLA's CSE, and x - mean then materialized once for both.
     xb, mb, xc, mc = _private(x, mean, x, mean, stream=stream)
-    if x_dot is not None:
-        t = x_dot.astype(sdt)
+    # One conversion of x_dot, used twice: transposed, dx is summed in float32 and rounded
+    # once (two conversions would round each part of dx to x's dtype first).
+    t_all = None if x_dot is None else x_dot.astype(sdt)
+    if t_all is not None:
+        t = t_all
         # Centred, not standardized: inv multiplies the per-feature sums instead, so that
         # each full-size pass (here and transposed) reads x and one per-feature vector.
         dev_b = xb.astype(sdt) - mb.reshape(bshape)
@@ -1448,15 +1453,14 @@ def _train_tangent(cfg: _TrainConfig, x: Array, mean: Array, inv: Array, w: Arra
         sums = (jnp.sum(t, axis=red), jnp.sum(prod, axis=red))
         if cfg.axis_name is not None:
             sums = _sync_sum(sums, cfg.axis_name, cfg.groups)
-        safe_n = jnp.maximum(n, 1)
-        c0 = -w * sums[0] / safe_n
-        c1 = -w * inv * sums[1] / safe_n
+        c0 = -wn[0] * sums[0]
+        c1 = -wn[1] * sums[1]
         k0 = c0 if k0 is None else c0 + k0
         k1 = c1 if k1 is None else c1 + k1
     k0, k1 = _vary_like((k0, k1), x)
     terms = []
-    if x_dot is not None:
-        terms.append(x_dot.astype(sdt) * _vary_like(w, x).reshape(bshape))
+    if t_all is not None:
+        terms.append(t_all * _vary_like(w, x).reshape(bshape))
     if k1 is not None:
         terms.append((xc.astype(sdt) - mc.reshape(bshape)) * (inv * k1).reshape(bshape))
     if k0 is not None:
