@@ -581,3 +581,24 @@ def test_complex_gradients_match_plain_autodiff():
     got, want = derivatives(x, params)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["vmap", "pmap", "shard_map"])
+def test_forward_mode_synced_equals_whole_batch(kind, mesh):
+    """jvp and a forward-over-reverse Hessian-vector product through synced statistics."""
+    x, mask = _uneven_batch(seed=12)
+    t = _rng(13).normal(size=x.shape).astype(np.float32)
+    params = _params(5)
+
+    def fn(x, mask, axis_name):
+        return jaxbn.batch_norm(x, params, None, training=True, mask=mask, axis_name=axis_name)
+
+    def derivatives(run, x):
+        y = lambda x: run(x)[0]  # noqa: E731
+        loss = lambda x: jnp.sum(jnp.sin(y(x)))  # noqa: E731
+        return jax.jvp(y, (x,), (t,))[1], jax.jvp(jax.grad(loss), (x,), (t,))[1]
+
+    got = jax.jit(partial(derivatives, lambda x: _run_synced(kind, fn, x, mask, mesh)))(x)
+    want = jax.jit(partial(derivatives, lambda x: fn(x, mask, None)))(x)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)
