@@ -20,19 +20,33 @@ __all__ = ["Options", "apply", "count_missing", "params"]
 
 
 class Options(Protocol):
-    """The module attributes :func:`apply` reads (both modules' flax-named options)."""
+    """The module attributes :func:`apply` reads (both modules' flax-named options).
 
-    axis: core.Axis
-    momentum: float | None
-    epsilon: float
-    axis_name: core.AxisName | None
-    axis_index_groups: Any
-    use_fast_variance: bool
-    unbiased_running_var: bool
-    renorm: bool
-    renorm_r_max: float
-    renorm_d_max: float
-    virtual_batch_size: int | None
+    Read-only here, so that each module may declare them with narrower types.
+    """
+
+    @property
+    def axis(self) -> core.Axis: ...
+    @property
+    def momentum(self) -> float | None: ...
+    @property
+    def epsilon(self) -> float: ...
+    @property
+    def axis_name(self) -> core.AxisName | None: ...
+    @property
+    def axis_index_groups(self) -> Any: ...
+    @property
+    def use_fast_variance(self) -> bool: ...
+    @property
+    def unbiased_running_var(self) -> bool: ...
+    @property
+    def renorm(self) -> bool: ...
+    @property
+    def renorm_r_max(self) -> float: ...
+    @property
+    def renorm_d_max(self) -> float: ...
+    @property
+    def virtual_batch_size(self) -> int | None: ...
 
 
 def params(scale: jax.Array | None, bias: jax.Array | None) -> core.BatchNormParams | None:
@@ -54,6 +68,7 @@ def params(scale: jax.Array | None, bias: jax.Array | None) -> core.BatchNormPar
     if scale is None and bias is None:
         return None
     ref = scale if scale is not None else bias
+    assert ref is not None
     return core.BatchNormParams(
         jnp.ones_like(ref) if scale is None else scale,
         jnp.zeros_like(ref) if bias is None else bias,

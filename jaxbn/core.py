@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.core import Tracer
 from jax.custom_derivatives import SymbolicZero, zero_from_primal
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -256,7 +257,7 @@ def _hyper(name: str, value: Any) -> Hyper:
     callers. A traced scalar (e.g. a ``jit`` argument, to sweep a hyperparameter without
     recompiling) has no value at trace time: it is returned as is and used unchecked.
     """
-    if isinstance(value, jax.core.Tracer):
+    if isinstance(value, Tracer):
         if jnp.shape(value) != () or not (jnp.issubdtype(value.dtype, jnp.floating)
                                           or jnp.issubdtype(value.dtype, jnp.integer)):
             raise TypeError(f"{name} must be a real scalar, got a traced {value.aval}.")
@@ -712,7 +713,8 @@ def _local_sums(
     km, = _private(mask, stream=_streams(x))
     n = jnp.sum(jnp.broadcast_to(km, x.shape), axis=red, dtype=rdt)
     if fast_variance:
-        return n, *msums(None, lambda v: v, _abs2)
+        s1, s2 = msums(None, lambda v: v, _abs2)
+        return n, s1, s2
     safe_n = jnp.maximum(n, 1)
     # With a mask the shift must come from valid elements only (masked-out ones may hold
     # anything): pass 1 is the exact masked mean. Pass 2: deviations from it and their
@@ -773,7 +775,7 @@ def _explicit(x: Array, feats: tuple[int, ...]) -> _Explicit | None:
     """How ``x`` is sharded over explicit mesh axes, if any of its reduction dims is."""
     sharding = getattr(jax.typeof(x), "sharding", None)
     mesh = getattr(sharding, "mesh", None)
-    if mesh is None or not getattr(mesh, "axis_names", ()):
+    if sharding is None or mesh is None or not getattr(mesh, "axis_names", ()):
         return None
     explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
                 if t == AxisType.Explicit}
@@ -1021,7 +1023,7 @@ def update_stats(
     _check_stats(stats)
     if not isinstance(batch, Moments):
         raise TypeError(f"batch must be the Moments of a batch, got {type(batch).__name__}.")
-    momentum = _check_momentum(momentum)
+    decay = _check_momentum(momentum)
     for field in ("mean", "var", "count"):
         _check_same_shape(f"batch.{field}", getattr(batch, field), "stats.mean", stats.mean)
     if unbiased_running_var:
@@ -1030,13 +1032,13 @@ def update_stats(
     mean_dtype = jnp.result_type(stats.mean)
     if jnp.iscomplexobj(batch.mean) and not jnp.issubdtype(mean_dtype, jnp.complexfloating):
         mean_dtype = jnp.promote_types(mean_dtype, jnp.complex64)
-    if momentum is None:
+    if decay is None:
         w = 1.0 / (stats.count + 1).astype(jnp.result_type(stats.var))
         new_mean = (1 - w) * stats.mean + w * batch.mean
         new_var = (1 - w) * stats.var + w * batch.var
     else:
-        new_mean = momentum * stats.mean + (1 - momentum) * batch.mean
-        new_var = momentum * stats.var + (1 - momentum) * batch.var
+        new_mean = decay * stats.mean + (1 - decay) * batch.mean
+        new_var = decay * stats.var + (1 - decay) * batch.var
     return BatchStats(
         jnp.where(valid, new_mean, stats.mean).astype(mean_dtype),
         jnp.where(valid, new_var, stats.var).astype(jnp.result_type(stats.var)),

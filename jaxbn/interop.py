@@ -38,6 +38,7 @@ from typing import Any, TypeAlias
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from jaxbn.core import BatchNormParams, BatchStats, fold
 
@@ -409,7 +410,7 @@ def commutes_with_max_pool(
     False
     """
     a, _ = _affine(params, stats, epsilon)
-    if isinstance(a, jax.core.Tracer):
+    if isinstance(a, Tracer):
         raise ValueError(
             "commutes_with_max_pool needs concrete parameters to inspect their signs, got "
             "traced values; call it outside jit."
@@ -482,7 +483,7 @@ def fold_into_conv(
     _check_kernel("fold_into_conv", kernel, -1, a.shape[0], "output channels (last axis)")
     bias = _bias_or_zeros("fold_into_conv", bias, kernel)
     if through_max_pool:
-        if isinstance(a, jax.core.Tracer):
+        if isinstance(a, Tracer):
             raise ValueError(
                 "fold_into_conv(through_max_pool=True) must inspect the signs of the folded "
                 "scale, got traced values; call it outside jit."

@@ -150,6 +150,7 @@ class BatchNorm(nnx.Module):
         virtual_batch_size: int | None = None,
     ):
         _, stats = core.init(num_features, affine=False)
+        assert stats is not None
         feature_shape = stats.mean.shape
         self.mean = nnx.BatchStat(stats.mean)
         self.var = nnx.BatchStat(stats.var)

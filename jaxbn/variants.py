@@ -33,6 +33,7 @@ from jaxbn.core import (
     Groups,
     Moments,
     batch_norm,
+    normalize,
 )
 
 __all__ = ["batch_renorm", "ghost_batch_norm", "select"]
@@ -107,8 +108,8 @@ def batch_renorm(
                                axis_name=axis_name, axis_index_groups=axis_index_groups,
                                mask=mask)
     if not training:
-        return batch_norm(x, params, stats, training=False, axis=axis, momentum=momentum,
-                          epsilon=epsilon, dtype=dtype)
+        return normalize(x, stats.mean, stats.var, params, axis=axis, epsilon=epsilon,
+                         dtype=dtype), stats
     y, m = core.batch_normalize(x, params, axis=axis, epsilon=epsilon, mask=mask,
                                 axis_name=axis_name, axis_index_groups=axis_index_groups,
                                 fast_variance=fast_variance, dtype=dtype, renorm=renorm)
