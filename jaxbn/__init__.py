@@ -1,15 +1,26 @@
 """jaxbn: Batch Normalization for JAX as pure functions over explicit state.
 
+The Flax modules (:mod:`jaxbn.linen`, :mod:`jaxbn.nnx`) and the PyTorch interop
+(:mod:`jaxbn.interop`) are submodules loaded on first use, so ``import jaxbn`` needs
+neither flax nor torch.
+
+Example:
+
 >>> import jax.numpy as jnp, jaxbn
 >>> params, stats = jaxbn.init(2)
 >>> y, stats = jaxbn.batch_norm(jnp.array([[0.0, 1.0], [2.0, 3.0]]), params, stats,
-...                             training=True)
->>> y.round(6)  # (x - mean) / sqrt(var + 1e-5): the epsilon shows in the 6th digit
-Array([[-0.999995, -0.999995],
-       [ 0.999995,  0.999995]], dtype=float32)
+...                             training=True, epsilon=1e-12)
+>>> y
+Array([[-1., -1.],
+       [ 1.,  1.]], dtype=float32)
 """
 
+from __future__ import annotations
+
+import importlib
 from importlib import metadata as _metadata
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 from jaxbn.core import (
     BatchNormParams,
@@ -25,6 +36,11 @@ from jaxbn.core import (
 )
 from jaxbn.precise import precise_batch_stats
 from jaxbn.variants import batch_renorm, ghost_batch_norm
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from jaxbn import interop as interop
+    from jaxbn import linen as linen
+    from jaxbn import nnx as nnx
 
 try:  # the version lives in pyproject.toml only; installed metadata carries it here
     __version__: str = _metadata.version("jaxbn")
@@ -46,3 +62,16 @@ __all__ = [
     "precise_batch_stats",
     "update_stats",
 ]
+
+_LAZY = ("interop", "linen", "nnx")
+
+
+def __getattr__(name: str) -> ModuleType:
+    """Imports the submodules ``linen``, ``nnx`` (need flax) and ``interop`` on first use."""
+    if name in _LAZY:
+        return importlib.import_module(f"jaxbn.{name}")
+    raise AttributeError(f"module 'jaxbn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -1,64 +1,87 @@
 """Batch Normalization as pure functions over explicit parameter and statistics pytrees.
 
-The whole algorithm lives here; the Flax modules in :mod:`jaxbn.linen` and :mod:`jaxbn.nnx`
-are thin shells around :func:`batch_norm`.
+The whole algorithm lives here; :mod:`jaxbn.variants` and the Flax modules in
+:mod:`jaxbn.linen` and :mod:`jaxbn.nnx` are built from this module's building blocks:
+:func:`validate`, :func:`moments`, :func:`batch_normalize`, :func:`normalize`,
+:func:`unbiased`, :func:`update_stats` and :func:`fold`.
 
 Numerical decisions, in one place:
 
 * Statistics are computed and kept in float32 (or wider) whatever the input dtype; the
-  output has ``dtype`` or else ``x.dtype``.
+  output has ``dtype`` or else ``x.dtype``. Complex inputs are normalized as flax does:
+  the mean is complex, the variance ``E|x - mean|^2`` is real.
 * The default variance is the corrected two-pass estimate: sums of the deviations from a
   shift close to the mean and of their squares, so no large terms cancel when
-  ``|mean| >> std``. The shift is the mean of a small leading slice of the input (with a
-  mask: the exact masked mean, a first pass). ``fast_variance=True`` keeps
+  ``|mean| >> std``. The shift is the mean of a small leading slice of each device's input
+  (with a mask: the exact masked mean, a first pass). ``fast_variance=True`` keeps
   ``E[x^2] - E[x]^2`` (flax's default), clipped at zero.
 * Performance (XLA:CPU): for inputs of 2 MiB and more (at float32) and for every
   half-precision input, each reduction reads the input straight from its buffer and,
   without a mask, no full-size temporary is materialized in the forward or the backward
-  pass (see :func:`_private`). The backward pass keeps only ``x`` and per-feature
-  statistics.
+  pass (see :func:`_private`).
+* Derivatives (:func:`batch_normalize`): a ``jax.custom_jvp`` whose tangent is linear in
+  the input tangents and needs only ``x`` and per-feature vectors, and is recomputed from
+  them (``jax.checkpoint``) when JAX transposes it for reverse mode. So forward mode
+  (``jvp``, ``jacfwd``, ``linearize``), reverse mode and any composition (Hessians) work,
+  and the backward pass keeps only ``x`` and per-feature statistics.
 * Across devices, each device reduces its own valid elements to ``(count, mean, M2)`` and a
   single gather (a ``psum`` of one slot per device, so the result is device-invariant; an
   ``all_gather`` within ``axis_index_groups``) brings every device's triple to every device,
-  where they are merged
-  exactly (Chan et al.'s pairwise update), weighting each device by its valid count. That is
-  one collective in the forward pass; the backward pass (see :func:`batch_norm`) needs one
-  ``psum``.
+  where they are merged exactly (Chan et al.'s pairwise update), weighting each device by
+  its valid count. That is one collective in the forward pass; the backward pass needs one
+  ``psum`` of two per-feature sums. Under ``jit`` with a batch sharded over *explicit* mesh
+  axes (``jax.make_mesh``'s default) the same algorithm runs in a ``jax.shard_map`` over
+  those axes, so every batch size and sharding gives the one-device result with these
+  collectives and no others.
 * Masked-out elements never enter a sum, so NaN or garbage there cannot leak into the
-  statistics; a batch with no valid element yields mean 0, variance 0 (finite output) and
-  leaves the running statistics unchanged.
+  statistics. A feature with no valid element has mean 0 and variance 0 in
+  :func:`moments`; :func:`batch_normalize` takes its normalized value as 0, so its output
+  is ``bias`` (finite, unlike flax's NaN, which would poison the gradients of every
+  layer below even where a loss masks the value out), and :func:`update_stats` keeps its
+  running statistics.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+import operator
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+from jax.core import Tracer
+from jax.custom_derivatives import SymbolicZero, zero_from_primal
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 Array: TypeAlias = jax.Array
 ArrayLike: TypeAlias = jax.typing.ArrayLike
 DTypeLike: TypeAlias = jax.typing.DTypeLike
 Axis: TypeAlias = int | Sequence[int]
 AxisName: TypeAlias = Any  # a hashable axis name, or a tuple of them
+Groups: TypeAlias = Sequence[Sequence[int]]
 Shape: TypeAlias = tuple[int, ...]
 
 __all__ = [
     "BatchNormParams",
     "BatchStats",
     "Moments",
+    "Renorm",
+    "Validated",
     "init",
     "batch_norm",
+    "batch_normalize",
     "moments",
     "normalize",
+    "unbiased",
     "update_stats",
     "fold",
     "feature_axes",
+    "validate",
 ]
 
 
@@ -72,7 +95,7 @@ class BatchNormParams(NamedTuple):
 class BatchStats(NamedTuple):
     """Running statistics used at inference time."""
 
-    mean: Array  # feature_shape, float32; initialized to 0
+    mean: Array  # feature_shape, float32 (complex64 once updated with complex inputs); 0
     var: Array  # feature_shape, float32; initialized to 1
     count: Array  # (), int32; number of updates so far (PyTorch's num_batches_tracked)
 
@@ -80,18 +103,48 @@ class BatchStats(NamedTuple):
 class Moments(NamedTuple):
     """Per-feature statistics of one batch (over every device in the named axis)."""
 
-    mean: Array  # feature_shape, float32
+    mean: Array  # feature_shape, float32 (complex64 for complex inputs)
     var: Array  # feature_shape, float32; biased (divided by count)
     count: Array  # feature_shape, float32; number of valid elements per feature
 
 
+class Renorm(NamedTuple):
+    """Batch Renormalization's reference statistics and bounds (see :func:`batch_normalize`)."""
+
+    mean: Array  # feature_shape; the running mean the correction d is relative to
+    var: Array  # feature_shape; the running variance the correction r is relative to
+    r_max: float | Array  # bound (>= 1) of r; may be traced (then unchecked)
+    d_max: float | Array  # bound (>= 0) of d; may be traced (then unchecked)
+
+
+class Validated(NamedTuple):
+    """What :func:`validate` returns: the checked input, its feature axes and the mask."""
+
+    x: Array  # the input as an array
+    feature_axes: tuple[int, ...]  # sorted, non-negative
+    mask: Array | None  # boolean, broadcastable to x
+
+
 # ----------------------------------------------------------------------------------------
-# Validation helpers: everything here runs at trace time on static shapes and values.
+# Validation: everything here runs at trace time on static shapes and values.
+
+
+def _index(name: str, value: Any) -> int:
+    """``value`` as a Python int; accepts NumPy integers, rejects bools, floats and arrays."""
+    if isinstance(value, bool | np.bool_ | jax.Array | np.ndarray):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}.")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}.") from None
 
 
 def _as_shape(num_features: int | Sequence[int]) -> Shape:
-    shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
-    if not shape or not all(isinstance(n, int) and n > 0 for n in shape):
+    if isinstance(num_features, Sequence) and not isinstance(num_features, str):
+        shape = tuple(_index("num_features", n) for n in num_features)
+    else:
+        shape = (_index("num_features", num_features),)
+    if not shape or not all(n > 0 for n in shape):
         raise ValueError(
             f"num_features must be a positive int or a tuple of positive ints, "
             f"got {num_features!r}."
@@ -104,23 +157,30 @@ def feature_axes(ndim: int, axis: Axis) -> tuple[int, ...]:
 
     Args:
       ndim: rank of the input.
-      axis: an int or a sequence of ints, negative values counting from the end.
+      axis: an int or a sequence of ints (NumPy integers too), negative values counting
+        from the end.
 
     Returns:
       The feature axes as a sorted tuple of distinct non-negative ints.
 
     Raises:
+      TypeError: if an axis is not an integer.
       ValueError: if an axis is out of range or repeated.
+
+    Example:
 
     >>> feature_axes(4, -1), feature_axes(4, 1), feature_axes(5, (1, -1))
     ((3,), (1,), (1, 4))
     """
-    axes = (axis,) if isinstance(axis, int) else tuple(axis)
+    if isinstance(axis, Sequence) and not isinstance(axis, str):
+        axes = tuple(_index("axis", a) for a in axis)
+    else:
+        axes = (_index("axis", axis),)
     if not axes:
         raise ValueError("axis must name at least one feature axis, got an empty tuple.")
     out = []
     for a in axes:
-        if not isinstance(a, int) or not -ndim <= a < ndim:
+        if not -ndim <= a < ndim:
             raise ValueError(
                 f"axis {a!r} is out of range for an input of rank {ndim}: expected an int in "
                 f"[{-ndim}, {ndim - 1}]."
@@ -143,10 +203,14 @@ def _bshape(ndim: int, feats: tuple[int, ...], shape: Sequence[int]) -> Shape:
     return tuple(out)
 
 
+def _is_inexact(dtype: Any) -> bool:
+    return bool(jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.complexfloating))
+
+
 def _check_input(x: Array) -> None:
-    if not jnp.issubdtype(x.dtype, jnp.floating):
+    if not _is_inexact(x.dtype):
         raise ValueError(
-            f"batch_norm expects a floating-point input, got dtype {x.dtype}; "
+            f"batch_norm expects a floating-point (or complex) input, got dtype {x.dtype}; "
             f"cast it first, e.g. x.astype(jnp.float32)."
         )
 
@@ -175,46 +239,230 @@ def _check_feature_shape(name: str, arr: ArrayLike, expected: Shape, axis: Axis)
         )
 
 
-def _is_concrete(v: Any) -> bool:
-    return not isinstance(v, jax.core.Tracer)
+def _check_same_shape(name: str, arr: ArrayLike, ref_name: str, ref: ArrayLike) -> None:
+    if jnp.shape(arr) != jnp.shape(ref):
+        raise ValueError(
+            f"{name} has shape {jnp.shape(arr)} but {ref_name} has shape {jnp.shape(ref)}; "
+            f"expected both of one feature shape (from the same layer)."
+        )
 
 
-def _check_hyper(momentum: float | None, epsilon: float) -> None:
-    if momentum is not None and _is_concrete(momentum) and not 0.0 <= float(momentum) <= 1.0:
+Hyper: TypeAlias = float | Array  # a Python number, or a scalar array (traced or not)
+
+
+def _hyper(name: str, value: Any) -> Hyper:
+    """A scalar hyperparameter: a Python float if concrete, else the traced scalar.
+
+    Numbers and concrete scalar arrays become Python floats and are range-checked by the
+    callers. A traced scalar (e.g. a ``jit`` argument, to sweep a hyperparameter without
+    recompiling) has no value at trace time: it is returned as is and used unchecked.
+    """
+    if isinstance(value, Tracer):
+        if jnp.shape(value) != () or not (jnp.issubdtype(value.dtype, jnp.floating)
+                                          or jnp.issubdtype(value.dtype, jnp.integer)):
+            raise TypeError(f"{name} must be a real scalar, got a traced {value.aval}.")
+        return value
+    if isinstance(value, jax.Array | np.ndarray | np.generic) and not isinstance(
+        value, np.bool_
+    ):
+        if np.shape(value) != () or not (np.issubdtype(value.dtype, np.floating)
+                                         or np.issubdtype(value.dtype, np.integer)):
+            raise TypeError(
+                f"{name} must be a real scalar, got an array of shape {np.shape(value)} "
+                f"and dtype {value.dtype}."
+            )
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(
+            f"{name} must be a number, got {type(value).__name__} {value!r}; pass e.g. a "
+            f"Python float."
+        )
+    return float(value)
+
+
+def _check_momentum(momentum: Any) -> Hyper | None:
+    if momentum is None:
+        return None
+    m = _hyper("momentum", momentum)
+    if isinstance(m, float) and not 0.0 <= m <= 1.0:
         raise ValueError(
             f"momentum must be in [0, 1] (flax convention: new = momentum * old + "
             f"(1 - momentum) * batch; PyTorch's momentum m is 1 - m here), got {momentum!r}."
         )
-    if _is_concrete(epsilon) and not float(epsilon) > 0.0:
+    return m
+
+
+def _check_epsilon(epsilon: Any, dtype: Any = jnp.float32) -> Hyper:
+    eps = _hyper("epsilon", epsilon)
+    if not isinstance(eps, float):
+        return eps
+    if not eps > 0.0:
         raise ValueError(f"epsilon must be > 0, got {epsilon!r}.")
-
-
-def _check_dtype(dtype: DTypeLike | None) -> None:
-    if dtype is not None and not jnp.issubdtype(dtype, jnp.floating):
-        raise ValueError(f"dtype must be a floating-point dtype, got {dtype!r}.")
-
-
-def _check_axis_name(axis_name: AxisName | None, axis_index_groups: Any) -> None:
-    if axis_index_groups is not None and axis_name is None:
+    rdt = _real_dtype(_stats_dtype(dtype))
+    if not np.asarray(eps, rdt) > 0:
         raise ValueError(
-            "axis_index_groups was given without axis_name; name the mapped axis "
-            "(axis_name=...) whose devices the groups partition."
+            f"epsilon must be > 0 in the statistics' dtype {np.dtype(rdt).name}, got "
+            f"{epsilon!r}, which rounds to 0 there; use at least "
+            f"{float(np.finfo(rdt).smallest_normal):.3g}."
+        )
+    return eps
+
+
+def _check_dtype(dtype: DTypeLike | None, x_dtype: Any) -> None:
+    if dtype is None:
+        return
+    if not _is_inexact(dtype):
+        raise ValueError(f"dtype must be a floating-point dtype, got {dtype!r}.")
+    if jnp.issubdtype(x_dtype, jnp.complexfloating) and not jnp.issubdtype(
+        dtype, jnp.complexfloating
+    ):
+        raise ValueError(
+            f"dtype {jnp.dtype(dtype).name} would drop the imaginary part of the complex "
+            f"input ({jnp.dtype(x_dtype).name}); expected a complex dtype or None."
         )
 
 
-def _validate(x, params, stats, *, training, axis, momentum, epsilon, dtype, axis_name,
-              axis_index_groups, mask) -> tuple[Array, tuple[int, ...], Array | None]:
-    """Every trace-time check of a BatchNorm call; returns ``(x, feature_axes, mask)``."""
+def _check_params(params: Any) -> None:
+    if params is None or isinstance(params, BatchNormParams):
+        return
+    hint = (" (params and stats swapped? the order is batch_norm(x, params, stats))"
+            if isinstance(params, BatchStats | Moments) else
+            "; build it with BatchNormParams(scale, bias) or jaxbn.init")
+    raise TypeError(f"params must be a BatchNormParams or None, got "
+                    f"{type(params).__name__}{hint}.")
+
+
+def _check_stats(stats: Any, name: str = "stats") -> None:
+    if stats is None:
+        return
+    if not isinstance(stats, BatchStats):
+        hint = (" (params and stats swapped? the order is batch_norm(x, params, stats))"
+                if isinstance(stats, BatchNormParams) else
+                "; build it with BatchStats(mean, var, count) or jaxbn.init")
+        raise TypeError(f"{name} must be a BatchStats or None, got "
+                        f"{type(stats).__name__}{hint}.")
+    for field in ("mean", "var"):
+        dt = jnp.result_type(getattr(stats, field))
+        ok = _is_inexact(dt) if field == "mean" else jnp.issubdtype(dt, jnp.floating)
+        if not ok:
+            raise ValueError(
+                f"{name}.{field} must be a floating-point array, got dtype {dt}; integer "
+                f"statistics would truncate the running average (use jaxbn.init)."
+            )
+    count = stats.count
+    if jnp.shape(count) != () or not jnp.issubdtype(jnp.result_type(count), jnp.integer):
+        raise ValueError(
+            f"{name}.count must be an integer scalar (shape ()), got shape "
+            f"{jnp.shape(count)} and dtype {jnp.result_type(count)}."
+        )
+
+
+def _names(axis_name: AxisName) -> tuple:
+    return axis_name if isinstance(axis_name, tuple) else (axis_name,)
+
+
+def _check_axis_name(axis_name: AxisName | None, axis_index_groups: Any) -> Any:
+    """Checks that ``axis_name`` is bound and the groups partition it; returns the groups."""
+    if axis_name is None:
+        if axis_index_groups is not None:
+            raise ValueError(
+                "axis_index_groups was given without axis_name; name the mapped axis "
+                "(axis_name=...) whose devices the groups partition."
+            )
+        return None
+    try:
+        size = lax.axis_size(axis_name)
+    except NameError:
+        raise ValueError(
+            f"axis_name {axis_name!r} is not bound here: call batch_norm under a "
+            f"transformation that names that axis (jax.vmap/pmap(..., axis_name=...) or "
+            f"jax.shard_map over a mesh with that axis), or pass axis_name=None (under jit "
+            f"with a sharded batch none is needed)."
+        ) from None
+    if axis_index_groups is None:
+        return None
+    try:
+        groups = tuple(tuple(_index("axis_index_groups", i) for i in g)
+                       for g in axis_index_groups)
+    except TypeError as e:
+        raise TypeError(
+            f"axis_index_groups must be a sequence of sequences of ints, got "
+            f"{axis_index_groups!r}."
+        ) from e
+    flat = sorted(i for g in groups for i in g)
+    if (not groups or flat != list(range(size)) or len({len(g) for g in groups}) != 1):
+        raise ValueError(
+            f"axis_index_groups must partition the {size} indices of axis {axis_name!r} "
+            f"into groups of equal size (each index in exactly one group), got "
+            f"{axis_index_groups!r}."
+        )
+    return groups
+
+
+def _per_feature(shape: Shape, feats: tuple[int, ...]) -> int:
+    return math.prod(shape[a] for a in _reduction_axes(len(shape), feats))
+
+
+def validate(
+    x: ArrayLike,
+    params: BatchNormParams | None,
+    stats: BatchStats | None,
+    *,
+    training: bool,
+    axis: Axis = -1,
+    momentum: float | None = 0.99,
+    epsilon: float = 1e-5,
+    dtype: DTypeLike | None = None,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Groups | None = None,
+    mask: ArrayLike | None = None,
+) -> Validated:
+    """Every trace-time check of a BatchNorm call, with :func:`batch_norm`'s arguments.
+
+    Args:
+      x: the input.
+      params: :class:`BatchNormParams` or ``None``.
+      stats: :class:`BatchStats` or ``None``.
+      training: static Python bool.
+      axis: feature axis or axes.
+      momentum: running-average decay, a number in [0, 1], or ``None``.
+      epsilon: a number > 0 (also after rounding to the statistics' dtype).
+      dtype: output dtype or ``None``.
+      axis_name: mapped axis name, which must be bound here when batch statistics are used,
+        or ``None``.
+      axis_index_groups: a partition of ``axis_name``'s indices into equal groups, or
+        ``None``.
+      mask: boolean array broadcastable to ``x``, or ``None``.
+
+    Returns:
+      A :class:`Validated` ``(x, feature_axes, mask)``, with ``x`` and ``mask`` as arrays.
+
+    Raises:
+      TypeError: for arguments of the wrong Python type (``params`` or ``stats`` not the
+        state types, or swapped; a non-number or array hyperparameter).
+      ValueError: for everything :func:`batch_norm` lists.
+
+    Example:
+
+    >>> import jax.numpy as jnp
+    >>> validate(jnp.ones((4, 3)), None, None, training=True).feature_axes
+    (1,)
+    """
     x = jnp.asarray(x)
     _check_input(x)
-    if not isinstance(training, bool | jnp.bool_):
+    if not isinstance(training, bool | np.bool_):
         raise ValueError(
             f"training must be a static Python bool, got {type(training).__name__}; pass it "
             f"as a static argument (e.g. functools.partial or jit's static_argnames)."
         )
-    _check_hyper(momentum, epsilon)
-    _check_dtype(dtype)
-    _check_axis_name(axis_name, axis_index_groups)
+    _check_params(params)
+    _check_stats(stats)
+    _check_momentum(momentum)
+    _check_epsilon(epsilon, x.dtype)
+    _check_dtype(dtype, x.dtype)
+    use_batch = training or stats is None
+    if use_batch:
+        _check_axis_name(axis_name, axis_index_groups)  # unused (may be unbound) otherwise
     feats = feature_axes(x.ndim, axis)
     fshape = tuple(x.shape[a] for a in feats)
     if params is not None:
@@ -225,11 +473,21 @@ def _validate(x, params, stats, *, training, axis, momentum, epsilon, dtype, axi
         _check_feature_shape("stats.var", stats.var, fshape, axis)
     mask = None if mask is None else jnp.asarray(mask)
     _check_mask(mask, x.shape)
-    return x, feats, mask
+    if use_batch and axis_name is None and _per_feature(x.shape, feats) <= 1:
+        raise ValueError(
+            f"expected more than 1 value per feature when using batch statistics, got input "
+            f"shape {x.shape} with features along axis {axis!r}; use a larger batch, or "
+            f"training=False with running statistics."
+        )
+    return Validated(x, feats, mask)
 
 
 def _stats_dtype(dtype: Any) -> Any:
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def _real_dtype(dtype: Any) -> Any:
+    return jnp.finfo(dtype).dtype
 
 
 # ----------------------------------------------------------------------------------------
@@ -246,8 +504,9 @@ def init(
     """Creates the parameters and running statistics of one BatchNorm layer.
 
     Args:
-      num_features: number of features ``C``, or the feature shape when normalizing over
-        several feature axes (``axis`` a tuple in :func:`batch_norm`).
+      num_features: number of features ``C`` (an int, NumPy integers included), or the
+        feature shape when normalizing over several feature axes (``axis`` a tuple in
+        :func:`batch_norm`).
       affine: whether the layer has a learnable ``scale`` and ``bias``.
       track_running_stats: whether the layer keeps running statistics for inference.
       param_dtype: dtype of ``scale`` and ``bias``. Statistics are always float32.
@@ -255,6 +514,12 @@ def init(
     Returns:
       ``(params, stats)``: a :class:`BatchNormParams` (scale 1, bias 0) or ``None``, and a
       :class:`BatchStats` (mean 0, var 1, count 0) or ``None``.
+
+    Raises:
+      TypeError: if ``num_features`` is not an int or a sequence of ints.
+      ValueError: if a feature count is not positive or ``param_dtype`` is not floating.
+
+    Example:
 
     >>> params, stats = init(3)
     >>> params.scale, stats.var, stats.count
@@ -281,7 +546,7 @@ def init(
 
 
 # ----------------------------------------------------------------------------------------
-# Building blocks.
+# Helpers of the reductions.
 
 
 # The shift is the mean of at least this many values per feature (if present) and of at
@@ -300,7 +565,7 @@ _STREAM_BYTES = 2 << 20
 
 def _streams(x: Array) -> bool:
     """Whether the reductions over ``x`` should each read ``x`` itself (see _private)."""
-    return (x.dtype.itemsize < 4 or x.size * max(x.dtype.itemsize, 4) >= _STREAM_BYTES)
+    return x.dtype.itemsize < 4 or x.size * max(x.dtype.itemsize, 4) >= _STREAM_BYTES
 
 
 def _private(*arrays: Any, stream: bool = True) -> tuple[Any, ...]:
@@ -322,6 +587,8 @@ def _private(*arrays: Any, stream: bool = True) -> tuple[Any, ...]:
     if not stream:
         return arrays
     leaves, tree = jax.tree.flatten(arrays)
+    if not leaves:
+        return arrays
     leaves = lax.platform_dependent(*leaves, cpu=_barrier, default=lambda *a: a)
     return jax.tree.unflatten(tree, leaves)
 
@@ -337,6 +604,42 @@ def _barrier(*arrays: Array) -> tuple[Array, ...]:
                         strict=True):
             out[i] = a
     return tuple(out)
+
+
+def _varying_axes(a: Any) -> frozenset:
+    """The shard_map axes along which ``a`` varies (empty outside shard_map)."""
+    mat = getattr(jax.typeof(a), "mat", None)
+    return frozenset(getattr(mat, "varying", ()))
+
+
+def _vary_like(tree: Any, ref: Array) -> Any:
+    """``tree``'s arrays cast to vary along ``ref``'s shard_map axes (a no-op elsewhere).
+
+    Per-feature values meet full-size ones in the tangent; casting them first keeps the
+    cast (whose transpose is a ``psum``) on per-feature vectors, never on a broadcast.
+    """
+    want = _varying_axes(ref)
+
+    def cast(v: Any) -> Any:
+        missing = tuple(sorted(want - _varying_axes(v), key=str))
+        return lax.pcast(v, missing, to="varying") if missing else v
+
+    return jax.tree.map(cast, tree)
+
+
+def _abs2(v: Array) -> Array:
+    """``|v|^2``, real for complex ``v``."""
+    if jnp.iscomplexobj(v):
+        return jnp.square(v.real) + jnp.square(v.imag)
+    return jnp.square(v)
+
+
+def _sync_sum(v: Any, axis_name: AxisName, groups: Any) -> Any:
+    """``psum`` over the axis (or within each group, as one all_gather then a local sum)."""
+    if groups is None:
+        return lax.psum(v, axis_name)
+    return jax.tree.map(lambda g: g.sum(0),
+                        lax.all_gather(v, axis_name, axis_index_groups=groups))
 
 
 def _shift(x: Array, red: tuple[int, ...], sdt: Any) -> Array:
@@ -358,52 +661,176 @@ def _shift(x: Array, red: tuple[int, ...], sdt: Any) -> Array:
 def _local_sums(
     x: Array, red: tuple[int, ...], mask: Array | None, fast_variance: bool
 ) -> tuple[Array, Array, Array]:
-    """Per-device ``(count, a, b)``: ``(n, sum x, sum x^2)`` if fast else ``(n, mean, M2)``."""
+    """Per-device ``(count, a, b)``: ``(n, sum x, sum |x|^2)`` if fast else ``(n, mean, M2)``."""
     sdt = _stats_dtype(x.dtype)
+    rdt = _real_dtype(sdt)
     fshape = tuple(s for a, s in enumerate(x.shape) if a not in red)
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, x.shape) if not red else mask
+    if not red or math.prod(x.shape[a] for a in red) == 0:
+        # Nothing to reduce: each element is its own batch (count 1, variance 0), or there
+        # is no element at all (count 0, and mean and variance 0 by convention).
+        zeros = jnp.zeros(fshape, sdt)
+        if red:
+            return jnp.zeros(fshape, rdt), zeros, jnp.zeros(fshape, rdt)
+        keep = jnp.ones(fshape, bool) if mask is None else jnp.broadcast_to(mask, fshape)
+        xs = jnp.where(keep, x.astype(sdt), 0)
+        n = keep.astype(rdt)
+        if fast_variance:
+            return n, xs, _abs2(xs)
+        return n, xs, jnp.zeros(fshape, rdt)
     if mask is None:
-        n = jnp.full(fshape, math.prod(x.shape[a] for a in red), sdt)
+        n = jnp.full(fshape, math.prod(x.shape[a] for a in red), rdt)
         if fast_variance:
             xa, xb = _private(x, x, stream=_streams(x))
             return (n, jnp.sum(xa.astype(sdt), axis=red),
-                    jnp.sum(jnp.square(xb.astype(sdt)), axis=red))
+                    jnp.sum(_abs2(xb.astype(sdt)), axis=red))
         # Corrected two-pass variance around a shift taken from a slice of x (Chan, Golub &
         # LeVeque 1983): sums of the deviations from the shift and of their squares, then
-        # mean = shift + sd / n and M2 = sdd - sd^2 / n, with no large terms cancelling when
-        # |mean| >> std. The two sums read x once each and share no temporary.
+        # mean = shift + sd / n and M2 = sdd - |sd|^2 / n, with no large terms cancelling
+        # when |mean| >> std. The two sums read x once each and share no temporary.
         shift = lax.stop_gradient(_shift(x, red, sdt))
         xa, sa, xb, sb = _private(x, shift, x, shift, stream=_streams(x))
         sd = jnp.sum(xa.astype(sdt) - jnp.expand_dims(sa, red), axis=red)
-        sdd = jnp.sum(jnp.square(xb.astype(sdt) - jnp.expand_dims(sb, red)), axis=red)
+        sdd = jnp.sum(_abs2(xb.astype(sdt) - jnp.expand_dims(sb, red)), axis=red)
         mean = shift + sd / n
-        m2 = jnp.maximum(sdd - sd * sd / n, 0)
+        m2 = jnp.maximum(sdd - _abs2(sd) / n, 0)
         return n, mean, m2
 
     # Masked: every sum gets its own x and (unbroadcast) mask. XLA:CPU's reduction fusions
     # do not absorb the select, so each masked sum still materializes its input once.
-    def msums(c: Array | None, *fs) -> list[Array]:
+    def msums(c: Array | None, *fs: Callable[[Array], Array]) -> list[Array]:
         ops = (x, mask) if c is None else (x, mask, c)
         copies = _private(*(ops * len(fs)), stream=_streams(x))
         out = []
         for i, f in enumerate(fs):
             xp, kp, *cp = copies[i * len(ops):(i + 1) * len(ops)]
-            v = f(xp.astype(sdt) if c is None else xp.astype(sdt) - jnp.expand_dims(cp[0], red))
-            out.append(jnp.sum(jnp.where(kp, v, jnp.zeros((), sdt)), axis=red))
+            v = xp.astype(sdt) if c is None else xp.astype(sdt) - jnp.expand_dims(cp[0], red)
+            fv = f(v)
+            out.append(jnp.sum(jnp.where(kp, fv, jnp.zeros((), fv.dtype)), axis=red))
         return out
 
     km, = _private(mask, stream=_streams(x))
-    n = jnp.sum(jnp.broadcast_to(km, x.shape), axis=red, dtype=sdt)
+    n = jnp.sum(jnp.broadcast_to(km, x.shape), axis=red, dtype=rdt)
     if fast_variance:
-        return n, *msums(None, lambda v: v, jnp.square)
+        s1, s2 = msums(None, lambda v: v, _abs2)
+        return n, s1, s2
     safe_n = jnp.maximum(n, 1)
     # With a mask the shift must come from valid elements only (masked-out ones may hold
     # anything): pass 1 is the exact masked mean. Pass 2: deviations from it and their
     # squares; the correction term removes the shift's own rounding error.
     shift = lax.stop_gradient(msums(None, lambda v: v)[0] / safe_n)
-    sd, sdd = msums(shift, lambda v: v, jnp.square)
+    sd, sdd = msums(shift, lambda v: v, _abs2)
     mean = shift + sd / safe_n
-    m2 = jnp.maximum(sdd - sd * sd / safe_n, 0)
+    m2 = jnp.maximum(sdd - _abs2(sd) / safe_n, 0)
     return n, mean, m2
+
+
+def _moments(
+    x: Array, feats: tuple[int, ...], mask: Array | None, axis_name: AxisName | None,
+    groups: Any, fast_variance: bool,
+) -> Moments:
+    """:func:`moments` on checked arguments, under any transformation that binds the axis."""
+    n, a, b = _local_sums(x, _reduction_axes(x.ndim, feats), mask, fast_variance)
+    if fast_variance:
+        if axis_name is not None:
+            n, a, b = _sync_sum((n, a, b), axis_name, groups)
+        safe_n = jnp.maximum(n, 1)
+        mean = a / safe_n
+        var = jnp.maximum(b / safe_n - _abs2(mean), 0)
+        return Moments(mean, var, n)
+    if axis_name is None:
+        return Moments(a, b / jnp.maximum(n, 1), n)
+    cplx = jnp.iscomplexobj(a)
+    triple = jnp.stack([n, a.real, a.imag, b] if cplx else [n, a, b])
+    if groups is None:
+        # An all_gather written as one psum: each device fills its own slot. Unlike
+        # all_gather, psum's result is device-invariant, so shard_map can return the
+        # statistics replicated (out_specs=P()) with its replication check on.
+        slots = jnp.zeros((lax.axis_size(axis_name), *triple.shape), triple.dtype)
+        g = lax.psum(slots.at[lax.axis_index(axis_name)].set(triple), axis_name)
+    else:
+        g = lax.all_gather(triple, axis_name, axis_index_groups=groups)
+    # Chan et al.'s exact merge of every device's (count, mean, M2).
+    ns, m2s = g[:, 0], g[:, -1]
+    means = lax.complex(g[:, 1], g[:, 2]) if cplx else g[:, 1]
+    total = jnp.sum(ns, axis=0)
+    safe_total = jnp.maximum(total, 1)
+    mean = jnp.sum(ns * means, axis=0) / safe_total
+    m2 = jnp.sum(m2s, axis=0) + jnp.sum(ns * _abs2(means - mean), axis=0)
+    return Moments(mean, m2 / safe_total, total)
+
+
+# ----------------------------------------------------------------------------------------
+# Explicit mesh axes: the algorithm runs per device in a shard_map over them.
+
+
+class _Explicit(NamedTuple):
+    mesh: Any  # the (abstract) mesh of x's sharding
+    dims: tuple[tuple[str, ...], ...]  # explicit mesh axes sharding each dim of x
+    sync: tuple[str, ...]  # those on the reduction dims: the statistics sync over them
+
+
+def _explicit(x: Array, feats: tuple[int, ...]) -> _Explicit | None:
+    """How ``x`` is sharded over explicit mesh axes, if any of its reduction dims is."""
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    if sharding is None or mesh is None or not getattr(mesh, "axis_names", ()):
+        return None
+    explicit = {n for n, t in zip(mesh.axis_names, mesh.axis_types, strict=True)
+                if t == AxisType.Explicit}
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    dims = tuple(tuple(n for n in (() if s is None else _names(s)) if n in explicit)
+                 for s in spec)
+    sync = tuple(n for a in _reduction_axes(x.ndim, feats) for n in dims[a])
+    return _Explicit(mesh, dims, sync) if sync else None
+
+
+def _on_explicit(plan: _Explicit, feats: tuple[int, ...], fn: Callable[..., Any], x: Array,
+                 mask: Array | None, per_feature: Any, x_out: bool) -> Any:
+    """Runs ``fn(x, mask, per_feature, sync_axes)`` per device over ``plan``'s mesh axes.
+
+    ``fn`` returns ``(full, features)``: an array shaped like ``x`` (when ``x_out``) or
+    ``None``, and a pytree of feature-shaped arrays. Feature-shaped inputs are resharded
+    to ``x``'s sharding of its feature dims first (a no-op when they already match).
+    """
+    spec_x = P(*(d or None for d in plan.dims))
+    spec_f = P(*(plan.dims[a] or None for a in feats))
+    names = {n for d in plan.dims for n in d}
+
+    def place(v: Any, spec: P) -> Any:
+        if getattr(getattr(jax.typeof(v), "sharding", None), "spec", None) == spec:
+            return v
+        return jax.sharding.reshard(v, NamedSharding(plan.mesh, spec))
+
+    per_feature = jax.tree.map(lambda v: place(v, spec_f), per_feature)
+    spec_m = None
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (1,) * (x.ndim - mask.ndim) + mask.shape)
+        spec_m = P(*(d or None if mask.shape[a] == x.shape[a] else None
+                     for a, d in enumerate(plan.dims)))
+        mask = place(mask, spec_m)
+    out_specs = (spec_x if x_out else None, spec_f)
+    run = jax.shard_map(
+        lambda x, mask, pf: fn(x, mask, pf, plan.sync), mesh=plan.mesh,
+        in_specs=(spec_x, spec_m, jax.tree.map(lambda _: spec_f, per_feature)),
+        out_specs=out_specs, axis_names=names)
+    return run(place(x, spec_x), mask, per_feature)
+
+
+def _join(axis_name: AxisName | None, groups: Any, sync: tuple[str, ...]) -> AxisName | None:
+    if not sync:
+        return axis_name
+    if groups is not None:
+        raise ValueError(
+            f"axis_index_groups cannot be combined with a batch sharded over explicit mesh "
+            f"axes {sync}; shard the batch over auto axes, or group with shard_map."
+        )
+    return (*(() if axis_name is None else _names(axis_name)), *sync)
+
+
+# ----------------------------------------------------------------------------------------
+# Building blocks.
 
 
 def moments(
@@ -412,7 +839,7 @@ def moments(
     axis: Axis = -1,
     mask: ArrayLike | None = None,
     axis_name: AxisName | None = None,
-    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    axis_index_groups: Groups | None = None,
     fast_variance: bool = False,
 ) -> Moments:
     """Masked, cross-device synchronized per-feature mean and (biased) variance.
@@ -420,10 +847,12 @@ def moments(
     With ``axis_name`` the result is that of the union of the valid elements of every
     device in the named axis (or in this device's group of ``axis_index_groups``), exactly
     as if one device held the whole batch, with one collective. Must be called under a
-    transformation that binds ``axis_name`` (``vmap``, ``pmap`` or ``shard_map``).
+    transformation that binds ``axis_name`` (``vmap``, ``pmap`` or ``shard_map``); under
+    ``jit`` with a batch sharded over mesh axes none is needed. Complex inputs have a
+    complex mean and the real variance ``E|x - mean|^2``.
 
     Args:
-      x: input of any rank, floating point.
+      x: input of any rank, floating point or complex.
       axis: feature axis or axes; every other axis is reduced.
       mask: optional boolean array broadcastable to ``x``; ``False`` elements are ignored.
       axis_name: optional mapped axis name to synchronize over.
@@ -434,7 +863,14 @@ def moments(
 
     Returns:
       :class:`Moments` with float32 (or wider) ``mean``, ``var`` and ``count``, each of the
-      feature shape. Where ``count`` is 0, mean and variance are 0.
+      feature shape. Where ``count`` is 0 (an empty batch, or every element masked),
+      mean and variance are 0.
+
+    Raises:
+      ValueError: for a non-floating ``x``, a bad ``axis`` or ``mask``, or an unbound
+        ``axis_name``.
+
+    Example:
 
     >>> import jax.numpy as jnp
     >>> m = moments(jnp.array([[1.0, 10.0], [3.0, 10.0]]), axis=-1)
@@ -446,36 +882,18 @@ def moments(
     x = jnp.asarray(x)
     _check_input(x)
     feats = feature_axes(x.ndim, axis)
-    red = _reduction_axes(x.ndim, feats)
     mask = None if mask is None else jnp.asarray(mask)
     _check_mask(mask, x.shape)
-    _check_axis_name(axis_name, axis_index_groups)
-    n, a, b = _local_sums(x, red, mask, fast_variance)
-    if fast_variance:
-        if axis_name is not None:
-            n, a, b = lax.psum((n, a, b), axis_name, axis_index_groups=axis_index_groups)
-        safe_n = jnp.maximum(n, 1)
-        mean = a / safe_n
-        var = jnp.maximum(b / safe_n - mean * mean, 0)
-        return Moments(mean, var, n)
-    if axis_name is None:
-        return Moments(a, b / jnp.maximum(n, 1), n)
-    triple = jnp.stack([n, a, b])
-    if axis_index_groups is None:
-        # An all_gather written as one psum: each device fills its own slot. Unlike
-        # all_gather, psum's result is device-invariant, so shard_map can return the
-        # statistics replicated (out_specs=P()) with its replication check on.
-        slots = jnp.zeros((lax.axis_size(axis_name), *triple.shape), triple.dtype)
-        g = lax.psum(slots.at[lax.axis_index(axis_name)].set(triple), axis_name)
-    else:
-        g = lax.all_gather(triple, axis_name, axis_index_groups=axis_index_groups)
-    # Chan et al.'s exact merge of every device's (count, mean, M2).
-    ns, means, m2s = g[:, 0], g[:, 1], g[:, 2]
-    total = jnp.sum(ns, axis=0)
-    safe_total = jnp.maximum(total, 1)
-    mean = jnp.sum(ns * means, axis=0) / safe_total
-    m2 = jnp.sum(m2s, axis=0) + jnp.sum(ns * jnp.square(means - mean), axis=0)
-    return Moments(mean, m2 / safe_total, total)
+    groups = _check_axis_name(axis_name, axis_index_groups)
+    plan = _explicit(x, feats)
+    if plan is not None:
+        name = _join(axis_name, groups, plan.sync)
+        return _on_explicit(
+            plan, feats,
+            lambda x, mask, _, sync: (None, _moments(x, feats, mask, name, None,
+                                                     fast_variance)),
+            x, mask, (), x_out=False)[1]
+    return _moments(x, feats, mask, axis_name, groups, fast_variance)
 
 
 def normalize(
@@ -490,8 +908,10 @@ def normalize(
 ) -> Array:
     """Applies ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias`` per feature.
 
-    The arithmetic runs in the promoted dtype of ``x`` and the statistics (float32 for
-    half-precision inputs); the result is cast to ``dtype`` or else ``x.dtype``.
+    Given statistics are constants here (plain autodiff); for a batch's own statistics,
+    differentiated through, use :func:`batch_normalize`. The arithmetic runs in the
+    promoted dtype of ``x`` and the statistics (float32 for half-precision inputs); the
+    result is cast to ``dtype`` or else ``x.dtype``.
 
     Args:
       x: input.
@@ -499,11 +919,17 @@ def normalize(
       var: per-feature variance, of the feature shape.
       params: optional affine parameters; ``None`` means scale 1 and bias 0.
       axis: feature axis or axes of ``x``.
-      epsilon: added to the variance.
+      epsilon: added to the variance; a number > 0.
       dtype: output dtype (default: ``x.dtype``).
 
     Returns:
       The normalized array, of the shape of ``x``.
+
+    Raises:
+      TypeError: for ``params`` of the wrong type or a non-number ``epsilon``.
+      ValueError: for shapes that do not match the features, or ``epsilon <= 0``.
+
+    Example:
 
     >>> import jax.numpy as jnp
     >>> normalize(jnp.array([[0.0], [2.0]]), jnp.array([1.0]), jnp.array([1.0]), epsilon=1e-12)
@@ -512,14 +938,16 @@ def normalize(
     """
     x = jnp.asarray(x)
     _check_input(x)
-    _check_dtype(dtype)
+    _check_dtype(dtype, x.dtype)
+    _check_params(params)
+    eps = _check_epsilon(epsilon, x.dtype)
     feats = feature_axes(x.ndim, axis)
     fshape = tuple(x.shape[a] for a in feats)
     bshape = _bshape(x.ndim, feats, fshape)
     mean, var = jnp.asarray(mean), jnp.asarray(var)
     _check_feature_shape("mean", mean, fshape, axis)
     _check_feature_shape("var", var, fshape, axis)
-    mul = lax.rsqrt(var + epsilon)
+    mul = lax.rsqrt(var + eps)
     if params is not None:
         _check_feature_shape("params.scale", params.scale, fshape, axis)
         _check_feature_shape("params.bias", params.bias, fshape, axis)
@@ -528,6 +956,26 @@ def normalize(
     if params is not None:
         y = y + params.bias.reshape(bshape)
     return y.astype(dtype or x.dtype)
+
+
+def unbiased(batch: Moments) -> Moments:
+    """Bessel's correction: the variance times ``n / (n - 1)`` where ``n > 1``.
+
+    Args:
+      batch: moments with the biased variance (from :func:`moments`).
+
+    Returns:
+      The same moments with the unbiased variance estimate (unchanged where ``n <= 1``).
+
+    Example:
+
+    >>> import jax.numpy as jnp
+    >>> unbiased(Moments(jnp.zeros(2), jnp.array([2.0, 2.0]), jnp.array([4.0, 1.0]))).var
+    Array([2.6666667, 2.       ], dtype=float32)
+    """
+    n = batch.count
+    var = jnp.where(n > 1, batch.var * n / jnp.maximum(n - 1, 1), batch.var)
+    return batch._replace(var=var)
 
 
 def update_stats(
@@ -543,18 +991,27 @@ def update_stats(
     ``momentum=m`` is ``momentum=1 - m`` here). ``momentum=None`` is PyTorch's cumulative
     moving average, ``new = old + (batch - old) / (count + 1)``. With
     ``unbiased_running_var`` the batch variance is scaled by ``n / (n - 1)`` (``n`` the
-    global valid count per feature) before it enters the average, as PyTorch does.
-    Features with no valid element keep their statistics; ``count`` grows by one unless no
-    feature had any valid element.
+    global valid count per feature, :func:`unbiased`) before it enters the average, as
+    PyTorch does. Features with no valid element keep their statistics; ``count`` grows by
+    one unless no feature had any valid element. The result is differentiable; the layers
+    (:func:`batch_norm` and the variants) stop its gradient.
 
     Args:
       stats: current running statistics.
       batch: this batch's moments (from :func:`moments`).
-      momentum: decay of the exponential moving average, or ``None``.
+      momentum: decay of the exponential moving average (a number in [0, 1]), or
+        ``None``.
       unbiased_running_var: store the unbiased variance estimate.
 
     Returns:
-      The updated :class:`BatchStats`, in the dtypes of ``stats``.
+      The updated :class:`BatchStats`, in the dtypes of ``stats`` (a real running mean
+      becomes complex when the batch mean is).
+
+    Raises:
+      TypeError: for ``stats`` of the wrong type or a non-number ``momentum``.
+      ValueError: for ``momentum`` outside [0, 1] or moments of another feature shape.
+
+    Example:
 
     >>> import jax.numpy as jnp
     >>> s = update_stats(BatchStats(jnp.zeros(1), jnp.ones(1), jnp.array(0)),
@@ -563,23 +1020,29 @@ def update_stats(
     >>> s.mean, s.var, s.count
     (Array([0.2], dtype=float32), Array([1.3], dtype=float32), Array(1, dtype=int32))
     """
-    _check_hyper(momentum, 1.0)
-    n = batch.count
-    var = batch.var
+    _check_stats(stats)
+    if not isinstance(batch, Moments):
+        raise TypeError(f"batch must be the Moments of a batch, got {type(batch).__name__}.")
+    decay = _check_momentum(momentum)
+    for field in ("mean", "var", "count"):
+        _check_same_shape(f"batch.{field}", getattr(batch, field), "stats.mean", stats.mean)
     if unbiased_running_var:
-        var = jnp.where(n > 1, var * n / jnp.maximum(n - 1, 1), var)
-    valid = n > 0
-    if momentum is None:
-        w = 1.0 / (stats.count + 1).astype(stats.mean.dtype)
+        batch = unbiased(batch)
+    valid = batch.count > 0
+    mean_dtype = jnp.result_type(stats.mean)
+    if jnp.iscomplexobj(batch.mean) and not jnp.issubdtype(mean_dtype, jnp.complexfloating):
+        mean_dtype = jnp.promote_types(mean_dtype, jnp.complex64)
+    if decay is None:
+        w = 1.0 / (stats.count + 1).astype(jnp.result_type(stats.var))
         new_mean = (1 - w) * stats.mean + w * batch.mean
-        new_var = (1 - w) * stats.var + w * var
+        new_var = (1 - w) * stats.var + w * batch.var
     else:
-        new_mean = momentum * stats.mean + (1 - momentum) * batch.mean
-        new_var = momentum * stats.var + (1 - momentum) * var
+        new_mean = decay * stats.mean + (1 - decay) * batch.mean
+        new_var = decay * stats.var + (1 - decay) * batch.var
     return BatchStats(
-        jnp.where(valid, new_mean, stats.mean).astype(stats.mean.dtype),
-        jnp.where(valid, new_var, stats.var).astype(stats.var.dtype),
-        stats.count + jnp.any(valid).astype(stats.count.dtype),
+        jnp.where(valid, new_mean, stats.mean).astype(mean_dtype),
+        jnp.where(valid, new_var, stats.var).astype(jnp.result_type(stats.var)),
+        stats.count + jnp.any(valid).astype(jnp.result_type(stats.count)),
     )
 
 
@@ -594,11 +1057,17 @@ def fold(
     Args:
       params: affine parameters, or ``None`` for scale 1 and bias 0.
       stats: the running statistics (or any object with ``mean`` and ``var``).
-      epsilon: the layer's epsilon.
+      epsilon: the layer's epsilon, a number > 0.
 
     Returns:
       ``(a, b)`` of the feature shape, float32 (or wider), with
       ``a = scale / sqrt(var + epsilon)`` and ``b = bias - mean * a``.
+
+    Raises:
+      TypeError: for ``params`` of the wrong type or a non-number ``epsilon``.
+      ValueError: for ``stats=None``, arrays of different shapes, or ``epsilon <= 0``.
+
+    Example:
 
     >>> import jax.numpy as jnp
     >>> a, b = fold(None, BatchStats(jnp.array([1.0]), jnp.array([4.0]), jnp.array(3)),
@@ -606,14 +1075,134 @@ def fold(
     >>> a, b
     (Array([0.5], dtype=float32), Array([-0.5], dtype=float32))
     """
-    _check_hyper(None, epsilon)
-    a = lax.rsqrt(jnp.asarray(stats.var) + epsilon)
+    _check_params(params)
+    if stats is None or not all(hasattr(stats, f) for f in ("mean", "var")):
+        raise ValueError(
+            f"fold needs running statistics with a mean and a var (a BatchStats), got "
+            f"{type(stats).__name__}; a layer without running statistics normalizes each "
+            f"batch by its own statistics, which no fixed affine map reproduces."
+        )
+    eps = _check_epsilon(epsilon)
+    _check_same_shape("stats.var", stats.var, "stats.mean", stats.mean)
+    if params is not None:
+        _check_same_shape("params.scale", params.scale, "stats.mean", stats.mean)
+        _check_same_shape("params.bias", params.bias, "stats.mean", stats.mean)
+    a = lax.rsqrt(jnp.asarray(stats.var) + eps)
     if params is not None:
         a = a * params.scale
     b = -stats.mean * a
     if params is not None:
         b = b + params.bias
     return a, b
+
+
+def batch_normalize(
+    x: ArrayLike,
+    params: BatchNormParams | None,
+    *,
+    axis: Axis = -1,
+    epsilon: float = 1e-5,
+    mask: ArrayLike | None = None,
+    axis_name: AxisName | None = None,
+    axis_index_groups: Groups | None = None,
+    fast_variance: bool = False,
+    dtype: DTypeLike | None = None,
+    renorm: Renorm | None = None,
+) -> tuple[Array, Moments]:
+    """Normalizes ``x`` with its own batch statistics, differentiable through them.
+
+    ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias`` with the (masked, synced)
+    :func:`moments` of ``x``, the training-mode computation of every layer here. Unlike
+    :func:`normalize` on those moments, the derivatives include how the statistics depend
+    on ``x``, in both modes and to any order; the backward pass keeps only ``x`` and
+    per-feature vectors. Batch Renormalization (``renorm``) replaces ``scale`` and ``bias``
+    by ``scale * r`` and ``bias + scale * d`` with
+    ``r = clip(sqrt(var + eps) / sqrt(renorm.var + eps), 1 / r_max, r_max)`` and
+    ``d = clip((mean - renorm.mean) / sqrt(renorm.var + eps), -d_max, d_max)``, both without
+    gradient. A feature with no valid element is normalized to 0 (its output is ``bias``).
+    Any number of values per feature is accepted (one value: variance 0, output ``bias``).
+
+    Args:
+      x: input of any rank, floating point or complex.
+      params: :class:`BatchNormParams` of the feature shape, or ``None``.
+      axis: feature axis or axes.
+      epsilon: added to the variance; a number > 0.
+      mask: optional boolean array broadcastable to ``x``; ``False`` elements take no part
+        in the statistics (they are still normalized).
+      axis_name: mapped axis to synchronize the statistics over.
+      axis_index_groups: groups of indices of ``axis_name`` that synchronize separately.
+      fast_variance: use ``E[x^2] - E[x]^2`` (see :func:`moments`).
+      dtype: output dtype (default ``x.dtype``).
+      renorm: Batch Renormalization's reference statistics and bounds, or ``None``.
+
+    Returns:
+      ``(y, moments)``: the output and the batch's :class:`Moments` (which carry no
+      gradient).
+
+    Raises:
+      TypeError: for arguments of the wrong Python type.
+      ValueError: for arguments :func:`validate` rejects (but one value per feature), and
+        ``renorm`` with a complex input.
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp
+    >>> x = jnp.array([[1.0], [3.0]])
+    >>> y, m = batch_normalize(x, None, epsilon=1e-12)
+    >>> y[:, 0], m.mean
+    (Array([-1.,  1.], dtype=float32), Array([2.], dtype=float32))
+    >>> f = lambda x: batch_normalize(x, None)[0][0, 0]
+    >>> bool(jnp.allclose(jax.jvp(f, (x,), (jnp.ones_like(x),))[1], 0.0, atol=1e-6))
+    True
+    """
+    x = jnp.asarray(x)
+    _check_input(x)
+    _check_params(params)
+    eps = _check_epsilon(epsilon, x.dtype)
+    _check_dtype(dtype, x.dtype)
+    feats = feature_axes(x.ndim, axis)
+    fshape = tuple(x.shape[a] for a in feats)
+    if params is not None:
+        _check_feature_shape("params.scale", params.scale, fshape, axis)
+        _check_feature_shape("params.bias", params.bias, fshape, axis)
+    mask = None if mask is None else jnp.asarray(mask)
+    _check_mask(mask, x.shape)
+    groups = _check_axis_name(axis_name, axis_index_groups)
+    ref = None
+    if renorm is not None:
+        if not isinstance(renorm, Renorm):
+            raise TypeError(f"renorm must be a Renorm or None, got {type(renorm).__name__}.")
+        if jnp.iscomplexobj(x):
+            raise ValueError("Batch Renormalization supports real inputs only, got a "
+                             f"complex input ({x.dtype}).")
+        _check_feature_shape("renorm.mean", renorm.mean, fshape, axis)
+        _check_feature_shape("renorm.var", renorm.var, fshape, axis)
+        ref = (jnp.asarray(renorm.mean), jnp.asarray(renorm.var),
+               *_renorm_bounds(renorm.r_max, renorm.d_max))
+    scale, bias = (None, None) if params is None else params
+
+    def run(x: Array, mask: Array | None, pf: Any, sync: tuple[str, ...]) -> Any:
+        cfg = _TrainConfig(feats, _join(axis_name, groups, sync), groups, bool(fast_variance),
+                           jnp.dtype(dtype or x.dtype))
+        scale, bias, ref_stats = pf
+        ref_all = None if ref is None else (*ref_stats, *ref[2:])
+        return _train_normalize(cfg, x, scale, bias, eps, ref_all, mask)
+
+    plan = _explicit(x, feats)
+    per_feature = (scale, bias, None if ref is None else ref[:2])
+    if plan is not None:
+        return _on_explicit(plan, feats, run, x, mask, per_feature, x_out=True)
+    return run(x, mask, per_feature, ())
+
+
+def _renorm_bounds(r_max: Any, d_max: Any) -> tuple[Hyper, Hyper]:
+    r = _hyper("r_max", r_max)
+    d = _hyper("d_max", d_max)
+    if isinstance(r, float) and not r >= 1.0:
+        raise ValueError(f"r_max must be >= 1, got {r_max!r}.")
+    if isinstance(d, float) and not d >= 0.0:
+        raise ValueError(f"d_max must be >= 0, got {d_max!r}.")
+    return r, d
 
 
 # ----------------------------------------------------------------------------------------
@@ -631,7 +1220,7 @@ def batch_norm(
     epsilon: float = 1e-5,
     unbiased_running_var: bool = False,
     axis_name: AxisName | None = None,
-    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    axis_index_groups: Groups | None = None,
     mask: ArrayLike | None = None,
     fast_variance: bool = False,
     dtype: DTypeLike | None = None,
@@ -643,7 +1232,7 @@ def batch_norm(
     given; in inference they are the running statistics.
 
     Args:
-      x: input of any rank with a floating dtype.
+      x: input of any rank with a floating (or complex) dtype.
       params: :class:`BatchNormParams` of the feature shape, or ``None`` (no affine).
       stats: :class:`BatchStats`, or ``None`` (no running statistics, as PyTorch's
         ``track_running_stats=False``: batch statistics are used in inference too).
@@ -657,10 +1246,13 @@ def batch_norm(
       unbiased_running_var: keep ``n / (n - 1) * batch_var`` in the running variance, as
         PyTorch does (``n`` the global valid count per feature).
       axis_name: mapped axis to synchronize statistics over (bound by ``vmap``, ``pmap`` or
-        ``shard_map``). Not needed under plain ``jit`` with sharded inputs.
-      axis_index_groups: groups of indices of ``axis_name`` that synchronize separately.
+        ``shard_map``). Not needed under plain ``jit`` with sharded inputs (auto or explicit
+        mesh axes).
+      axis_index_groups: groups of indices of ``axis_name`` that synchronize separately; a
+        partition of the axis into groups of equal size.
       mask: optional boolean array broadcastable to ``x``; ``False`` elements take no part in
-        the statistics (they are still normalized).
+        the statistics (they are still normalized). A feature with no valid element
+        outputs ``bias`` and keeps its running statistics.
       fast_variance: use flax's one-pass ``E[x^2] - E[x]^2``, which loses all precision when
         ``|mean| >> std``; the default two-pass variance is accurate at the same number of
         collectives.
@@ -672,12 +1264,25 @@ def batch_norm(
       carry no gradient.
 
     Raises:
+      TypeError: for arguments of the wrong Python type: ``params``/``stats`` that are not
+        the state types (or are swapped), a ``momentum``/``epsilon`` that is not a real
+        scalar (a string, a vector).
       ValueError: at trace time, for a non-floating ``x``, an axis out of range, parameters
-        or statistics whose shape does not match the input's features, a mask that does not
-        broadcast, ``momentum`` outside [0, 1], ``epsilon <= 0``, or training with a single
-        value per feature and no ``axis_name``.
+        or statistics whose shape or dtype does not fit, a mask that does not broadcast,
+        ``momentum`` outside [0, 1], ``epsilon`` not > 0 in float32, an unbound
+        ``axis_name``, ``axis_index_groups`` that do not partition it, or training with a
+        single value per feature and no ``axis_name`` (PyTorch's "Expected more than 1
+        value per channel"; the Flax modules accept it, as flax does).
 
-    Example, a jitted training step and an inference call:
+    Hyperparameters (``momentum``, ``epsilon``) may be traced, e.g. ``jit`` arguments that
+    sweep them without recompiling: a traced value has no value at trace time, so it is
+    used as given, unchecked (a traced ``momentum`` of 1.5 moves the running statistics
+    away from the data; a traced ``epsilon`` of -1 gives NaN or infinities). Numbers and
+    concrete scalar arrays are checked.
+
+    Example:
+
+    A jitted training step and an inference call.
 
     >>> import jax, jax.numpy as jnp
     >>> import jaxbn
@@ -691,146 +1296,183 @@ def batch_norm(
     1
     >>> y_eval, _ = jaxbn.batch_norm(x, params, stats, training=False)
     """
-    x, feats, mask = _validate(x, params, stats, training=training, axis=axis,
-                               momentum=momentum, epsilon=epsilon, dtype=dtype,
-                               axis_name=axis_name, axis_index_groups=axis_index_groups,
-                               mask=mask)
-    training = bool(training)
-
-    use_batch = training or stats is None
-    if not use_batch:
+    x, _, mask = validate(x, params, stats, training=training, axis=axis, momentum=momentum,
+                          epsilon=epsilon, dtype=dtype, axis_name=axis_name,
+                          axis_index_groups=axis_index_groups, mask=mask)
+    if not training and stats is not None:
         return normalize(x, stats.mean, stats.var, params, axis=axis, epsilon=epsilon,
                          dtype=dtype), stats
-
-    per_feature = math.prod(x.shape[a] for a in _reduction_axes(x.ndim, feats))
-    if per_feature <= 1 and axis_name is None:
-        raise ValueError(
-            f"expected more than 1 value per feature when using batch statistics, got input "
-            f"shape {x.shape} with features along axis {axis!r}; use a larger batch, or "
-            f"training=False with running statistics."
-        )
-    if not _is_concrete(epsilon):
-        raise ValueError(
-            "epsilon must be a static Python float when using batch statistics, got a traced "
-            "value; close over it or mark it static (jit's static_argnames)."
-        )
-    groups = None if axis_index_groups is None else tuple(map(tuple, axis_index_groups))
-    cfg = _TrainConfig(feats, float(epsilon), axis_name, groups, bool(fast_variance),
-                       jnp.dtype(dtype or x.dtype))
-    scale, bias = (None, None) if params is None else params
-    y, m = _train_normalize(cfg, x, scale, bias, mask)
+    y, m = batch_normalize(x, params, axis=axis, epsilon=epsilon, mask=mask,
+                           axis_name=axis_name, axis_index_groups=axis_index_groups,
+                           fast_variance=fast_variance, dtype=dtype)
     if stats is None or not training:
         return y, stats
     new_stats = update_stats(stats, m, momentum=momentum,
                              unbiased_running_var=unbiased_running_var)
-    return y, new_stats
+    return y, jax.tree.map(lax.stop_gradient, new_stats)
 
 
 # ----------------------------------------------------------------------------------------
-# Training-mode normalization with a memory-saving backward pass.
+# Training-mode normalization with derivatives through the statistics.
 
 
 class _TrainConfig(NamedTuple):
     feats: tuple[int, ...]
-    epsilon: float
     axis_name: AxisName | None
     groups: tuple[tuple[int, ...], ...] | None
     fast_variance: bool
-    dtype: Any
+    dtype: Any  # of the output
 
 
-def _varying_axes(a: Array) -> frozenset:
-    """The shard_map axes along which ``a`` varies (empty outside shard_map)."""
-    mat = getattr(jax.typeof(a), "mat", None)
-    return frozenset(getattr(mat, "varying", ()))
+# Batch Renormalization's reference: running mean and variance, r_max and d_max.
+_Ref: TypeAlias = tuple[Array, Array, Hyper, Hyper]
 
 
-def _names(axis_name: AxisName) -> tuple:
-    return axis_name if isinstance(axis_name, tuple) else (axis_name,)
+class _Parts(NamedTuple):
+    """The forward pass's per-feature results, which the tangent needs."""
+
+    y: Array
+    moments: Moments
+    inv: Array  # rsqrt(var + eps); 0 for features without a valid element
+    mul: Array | None  # multiplier of xhat in y (scale, times r with renorm); None: 1
+    r: Array | None  # renorm's corrections, without gradient
+    d: Array | None
 
 
-def _sync_sum(v: Any, axis_name: AxisName, groups: Any) -> Any:
-    """``psum`` over the axis (or within each group, as one all_gather then a local sum)."""
-    if groups is None:
-        return lax.psum(v, axis_name)
-    return jax.tree.map(lambda g: g.sum(0),
-                        lax.all_gather(v, axis_name, axis_index_groups=groups))
-
-
-def _train_forward(cfg: _TrainConfig, x, scale, bias, mask):
-    m = moments(x, axis=cfg.feats, mask=mask, axis_name=cfg.axis_name,
-                axis_index_groups=cfg.groups, fast_variance=cfg.fast_variance)
-    params = None if scale is None else BatchNormParams(
-        scale, jnp.zeros_like(scale) if bias is None else bias)
+def _train_parts(cfg: _TrainConfig, x: Array, scale: Array | None, bias: Array | None,
+                 eps: Hyper, ref: _Ref | None, mask: Array | None) -> _Parts:
+    # No stop_gradient on the moments here: differentiating the tangent rule itself (a
+    # Hessian) must see how they depend on x. Their own tangent is zero (the rule's).
+    m = _moments(x, cfg.feats, mask, cfg.axis_name, cfg.groups, cfg.fast_variance)
+    valid = m.count > 0
+    inv = jnp.where(valid, lax.rsqrt(m.var + eps), 0)
+    mul, add, r, d = scale, bias, None, None
+    if ref is not None:
+        ref_mean, ref_var, r_max, d_max = ref
+        sigma = jnp.sqrt(ref_var + eps)
+        r = jnp.clip(jnp.sqrt(m.var + eps) / sigma, 1.0 / r_max, r_max)
+        d = jnp.where(valid, jnp.clip((m.mean - ref_mean) / sigma, -d_max, d_max), 0)
+        r, d = lax.stop_gradient(r), lax.stop_gradient(d)
+        mul = r if scale is None else scale * r
+        shift = d if scale is None else scale * d
+        add = shift if bias is None else bias + shift
+    bshape = _bshape(x.ndim, cfg.feats, m.mean.shape)
+    w = inv if mul is None else inv * mul
     # The output's operands are private too, so that a reduction consuming y (a loss, the
     # next layer's statistics) can absorb its computation.
-    xy, mean_y, var_y, params = _private(x, m.mean, m.var, params, stream=_streams(x))
-    y = normalize(xy, mean_y, var_y, params, axis=cfg.feats, epsilon=cfg.epsilon,
-                  dtype=cfg.dtype)
-    if scale is None and bias is not None:
-        y = (y + bias.reshape(_bshape(x.ndim, cfg.feats, bias.shape))).astype(cfg.dtype)
-    inv = lax.rsqrt(m.var + cfg.epsilon)
-    return (y, m), (x, scale, bias, mask, m.mean, inv, m.count)
+    xy, mean_y, w_y, add_y = _private(x, m.mean, w, add, stream=_streams(x))
+    y = (xy - mean_y.reshape(bshape)) * w_y.reshape(bshape)
+    if add_y is not None:
+        y = y + add_y.reshape(bshape)
+    return _Parts(y.astype(cfg.dtype), m, inv, mul, r, d)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _train_normalize(cfg: _TrainConfig, x, scale, bias, mask):
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _train_normalize(cfg: _TrainConfig, x: Array, scale: Array | None, bias: Array | None,
+                     eps: Hyper, ref: _Ref | None, mask: Array | None
+                     ) -> tuple[Array, Moments]:
     """``(y, moments)`` of training-mode BN; the moments carry no gradient."""
-    return _train_forward(cfg, x, scale, bias, mask)[0]
+    parts = _train_parts(cfg, x, scale, bias, eps, ref, mask)
+    return parts.y, parts.moments
 
 
-def _train_normalize_bwd(cfg: _TrainConfig, res, cts):
-    # Only x and per-feature mean / inverse std were saved. With g the output cotangent and
-    # xhat = (x - mean) * inv, every output depends on the statistics, so
-    #   dx = scale * inv * (g - keep * (sum(g) + xhat * sum(g * xhat)) / n)
-    # with the sums over all elements of all devices and n the global valid count;
-    # d scale = sum(g * xhat), d bias = sum(g). One psum carries both sums.
-    x, scale, bias, mask, mean, inv, n = res
-    g = cts[0]
+def _live(t: Any) -> bool:
+    return t is not None and not isinstance(t, SymbolicZero)
+
+
+@functools.partial(_train_normalize.defjvp, symbolic_zeros=True)
+def _train_normalize_jvp(cfg: _TrainConfig, primals: tuple, tangents: tuple) -> tuple:
+    x, scale, bias, eps, ref, mask = primals
+    x_dot, scale_dot, bias_dot, eps_dot = tangents[:4]
+    parts = _train_parts(cfg, x, scale, bias, eps, ref, mask)
+    out = (parts.y, parts.moments)
+    m_dot = zero_from_primal(parts.moments, symbolic_zeros=True)
+    # Per-feature tangents of the affine: y gains xhat * k1 + k0. (renorm's r and d, and the
+    # reference statistics, carry no gradient.)
+    k1 = k0 = None
+    if _live(scale_dot):
+        k1 = scale_dot if parts.r is None else scale_dot * parts.r
+        k0 = None if parts.d is None else scale_dot * parts.d
+    if _live(bias_dot):
+        k0 = bias_dot if k0 is None else k0 + bias_dot
+    if _live(eps_dot):
+        # d inv / d eps = -inv^3 / 2, so y gains xhat * mul * (-inv^2 / 2) * eps_dot.
+        k = -0.5 * jnp.square(parts.inv) * eps_dot
+        k = k if parts.mul is None else k * parts.mul
+        k1 = k if k1 is None else k1 + k
+    x_dot = x_dot if _live(x_dot) else None
+    if x_dot is None and k1 is None and k0 is None:
+        return out, (zero_from_primal(parts.y, symbolic_zeros=True), m_dot)
+    w = parts.inv if parts.mul is None else parts.inv * parts.mul
+    wn = w / jnp.maximum(parts.moments.count, 1)
+    # Recomputed from x and per-feature vectors when JAX transposes it, so reverse mode
+    # keeps no full-size residual but x itself (x - mean, xhat are never saved).
+    tangent = jax.checkpoint(functools.partial(_train_tangent, cfg))
+    y_dot = tangent(x, parts.moments.mean, parts.inv, w, (wn, wn * parts.inv), mask,
+                    x_dot, k1, k0)
+    return out, (y_dot, m_dot)
+
+
+def _private_terms(x: Array) -> bool:
+    return _streams(x) and x.dtype.itemsize < 4
+
+
+def _train_tangent(cfg: _TrainConfig, x: Array, mean: Array, inv: Array, w: Array,
+                   wn: tuple[Array, Array], mask: Array | None, x_dot: Array | None,
+                   k1: Array | None, k0: Array | None) -> Array:
+    """The tangent of y: linear in ``x_dot``, ``k1``, ``k0``; x and per-feature otherwise.
+
+    With xhat = (x - mean) * inv and w = inv * scale (times r with renorm),
+    ``y_dot = w * (x_dot - sum(x_dot) / n - xhat * Re(sum(conj(xhat) * x_dot)) / n)
+    + xhat * k1 + k0``, the sums over the valid elements of every device (n their count;
+    ``wn`` is ``(w / n, w * inv / n)``, computed once in the forward pass). Its transpose
+    is the memory-saving backward pass: two per-feature sums of the cotangent (one
+    ``psum`` for both when synced, which also gives replicated parameters their global
+    gradient), then one elementwise pass.
+    """
     red = _reduction_axes(x.ndim, cfg.feats)
     bshape = _bshape(x.ndim, cfg.feats, mean.shape)
-    sdt = _stats_dtype(x.dtype)
-    # Each sum reads g (and x) straight from their buffers (see _private). The sums run over
-    # every element, masked-out ones included: those are normalized too, so their outputs
-    # depend on the statistics; the mask only restricts which x the statistics depend on.
+    sdt = mean.dtype
     stream = _streams(x)
-    ga, gb, xb, mb = _private(g, g, x, mean, stream=stream)
-    sum_g = jnp.sum(ga.astype(sdt), axis=red)
-    sum_gd = jnp.sum(gb.astype(sdt) * (xb.astype(sdt) - mb.reshape(bshape)), axis=red)
-    local = (sum_g, sum_gd * inv)
-    # Parameters replicated over shard_map axes along which x varies (P() specs) need the
-    # sums over those axes as their cotangent, synced BN or not; take them from the
-    # statistics' collective when the axes coincide.
-    ref = scale if scale is not None else bias
-    extra = tuple(sorted(_varying_axes(x) - (_varying_axes(ref) if ref is not None
-                                              else frozenset()), key=str))
-    total = local
-    if cfg.axis_name is not None:
-        total = _sync_sum(local, cfg.axis_name, cfg.groups)
-    if not extra:
-        param_cts = local
-    elif cfg.axis_name is not None and cfg.groups is None and set(extra) == set(
-        _names(cfg.axis_name)
-    ):
-        param_cts = total
-    else:
-        param_cts = lax.psum(local, extra)
-    sg, sgx = total
-    w = inv if scale is None else inv * scale.astype(sdt)
-    safe_n = jnp.maximum(n, 1)
-    # dx = w * g - w * sum(g) / n - (x - mean) * (w * inv * sum(g * xhat) / n), per feature.
-    c0 = (w * sg / safe_n).reshape(bshape)
-    c1 = (w * inv * sgx / safe_n).reshape(bshape)
-    gx, xx, mx = _private(g, x, mean, stream=stream)  # so g's other consumers can fuse it
-    corr = c0 + (xx.astype(sdt) - mx.reshape(bshape)) * c1
-    if mask is not None:
-        corr = jnp.where(mask, corr, 0)
-    dx = (gx.astype(sdt) * w.reshape(bshape) - corr).astype(x.dtype)
-    dscale = None if scale is None else param_cts[1].astype(scale.dtype)
-    dbias = None if bias is None else param_cts[0].astype(bias.dtype)
-    dmask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
-    return dx, dscale, dbias, dmask
-
-
-_train_normalize.defvjp(_train_forward, _train_normalize_bwd)
-
+    # Barriers only on x and the statistics (see _private), never on tangents: a barrier's
+    # transpose is a barrier, which would make the backward pass materialize each term.
+    # Distinct copies for the two passes over x: two barriers of the same (x, mean) would be
+    # merged by XLA's CSE, and x - mean then materialized once for both.
+    xb, mb, xc, mc = _private(x, mean, x, mean, stream=stream)
+    # One conversion of x_dot, used twice: transposed, dx is summed in float32 and rounded
+    # once (two conversions would round each part of dx to x's dtype first).
+    t_all = None if x_dot is None else x_dot.astype(sdt)
+    if t_all is not None:
+        t = t_all
+        # Centred, not standardized: inv multiplies the per-feature sums instead, so that
+        # each full-size pass (here and transposed) reads x and one per-feature vector.
+        dev_b = xb.astype(sdt) - mb.reshape(bshape)
+        prod = jnp.conj(dev_b) * t if jnp.iscomplexobj(dev_b) else dev_b * t
+        prod = prod.real if jnp.iscomplexobj(prod) else prod
+        if mask is not None:
+            t = jnp.where(mask, t, jnp.zeros((), t.dtype))
+            prod = jnp.where(mask, prod, jnp.zeros((), prod.dtype))
+        sums = (jnp.sum(t, axis=red), jnp.sum(prod, axis=red))
+        if cfg.axis_name is not None:
+            sums = _sync_sum(sums, cfg.axis_name, cfg.groups)
+        c0 = -wn[0] * sums[0]
+        c1 = -wn[1] * sums[1]
+        k0 = c0 if k0 is None else c0 + k0
+        k1 = c1 if k1 is None else c1 + k1
+    k0, k1 = _vary_like((k0, k1), x)
+    terms = []
+    if t_all is not None:
+        terms.append(t_all * _vary_like(w, x).reshape(bshape))
+    if k1 is not None:
+        terms.append((xc.astype(sdt) - mc.reshape(bshape)) * (inv * k1).reshape(bshape))
+    if k0 is not None:
+        terms.append(jnp.broadcast_to(k0.reshape(bshape), x.shape))
+    if len(terms) > 1 and _private_terms(x):
+        # Transposed, each term's cotangent is the output cotangent g: the term of k0 sums
+        # it, that of k1 sums it times xhat, that of x_dot scales it into dx. Barriers on
+        # the terms, taken in the output dtype, become barriers on g there, so that each of
+        # the three reads g itself, not a shared float32 conversion of it (which XLA:CPU
+        # would materialize). In forward mode the terms are then rounded to the output
+        # dtype before they are summed (in float32).
+        terms = [t.astype(sdt) for t in _private(*(t.astype(cfg.dtype) for t in terms))]
+    return functools.reduce(operator.add, terms).astype(cfg.dtype)

@@ -38,6 +38,7 @@ from typing import Any, TypeAlias
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from jaxbn.core import BatchNormParams, BatchStats, fold
 
@@ -69,6 +70,12 @@ _INT32_MAX = int(np.iinfo(np.int32).max)
 def _to_numpy(name: str, value: Any) -> np.ndarray:
     """A torch tensor, NumPy array or jax array as a NumPy array (bfloat16 kept exactly)."""
     if all(hasattr(value, m) for m in ("detach", "cpu", "numpy")):  # A torch tensor.
+        if getattr(value, "is_meta", False):
+            raise ValueError(
+                f"{name}: expected a tensor with data, got one on the 'meta' device (a module "
+                f"built under torch.device('meta') has no values yet); materialize it first, "
+                f"e.g. module.to_empty(device='cpu') then load_state_dict(...)."
+            )
         t = value.detach().cpu()
         if str(getattr(t, "dtype", "")) == "torch.bfloat16":
             # NumPy has no bfloat16: go through float32, which holds every bfloat16 exactly.
@@ -85,15 +92,37 @@ def _to_numpy(name: str, value: Any) -> np.ndarray:
 def _state_dict(state: Any, prefix: str) -> dict[str, Any]:
     """The layer's entries of a ``state_dict`` (or of a module's), without ``prefix``."""
     if not isinstance(state, Mapping):
-        if callable(getattr(state, "state_dict", None)):
-            state = state.state_dict()
-        else:
+        if not callable(getattr(state, "state_dict", None)):
             raise ValueError(
                 f"from_torch expects a BatchNorm module or its state_dict(), got "
                 f"{type(state).__name__}."
             )
+        # PyTorch's BatchNorm classes (1d/2d/3d, Sync, Lazy) all derive from _BatchNorm;
+        # InstanceNorm shares its state layout but not its computation.
+        bases = [c.__name__ for c in type(state).__mro__]
+        if "_BatchNorm" not in bases:
+            raise ValueError(
+                f"from_torch expects a BatchNorm module (nn.BatchNorm1d/2d/3d, SyncBatchNorm), "
+                f"got {type(state).__name__}, which normalizes differently."
+            )
+        state = state.state_dict()
+        if not state:  # BatchNorm(affine=False, track_running_stats=False): no state at all
+            return {}
+    meta = getattr(state, "_metadata", None)
+    keys = list(state)
     if prefix:
         state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if not state:
+            raise ValueError(
+                f"no key of the state_dict starts with prefix {prefix!r}; expected keys "
+                f"such as {prefix}running_mean, got {keys[:6]}{' ...' if len(keys) > 6 else ''}."
+            )
+    if not state:
+        raise ValueError(
+            f"from_torch got an empty state: expected BatchNorm keys (a subset of "
+            f"{list(TORCH_KEYS)}), got none; a BatchNorm with neither affine parameters nor "
+            f"running statistics has an empty state_dict, so pass the module itself."
+        )
     unknown = sorted(set(state) - set(TORCH_KEYS))
     if unknown:
         hint = (" (a whole model's state_dict? pass prefix='...' naming the layer, e.g. "
@@ -101,6 +130,17 @@ def _state_dict(state: Any, prefix: str) -> dict[str, Any]:
         raise ValueError(
             f"unexpected BatchNorm state_dict keys {unknown}: expected a subset of "
             f"{list(TORCH_KEYS)}{hint}."
+        )
+    # A state_dict() records each module's class version: BatchNorm's is 2 (1 before
+    # PyTorch 0.4.1, always with running statistics); LayerNorm's and GroupNorm's, 1.
+    version = None
+    if isinstance(meta, Mapping):
+        version = (meta.get(prefix[:-1] if prefix.endswith(".") else prefix) or {}).get("version")
+    if version is not None and version < 2 and "running_mean" not in state:
+        raise ValueError(
+            f"the state at prefix {prefix!r} is not a BatchNorm's: its module has version "
+            f"{version} and no running statistics (a LayerNorm or GroupNorm?); expected a "
+            f"BatchNorm state_dict (version 2)."
         )
     return dict(state)
 
@@ -137,12 +177,21 @@ def from_torch(
       :class:`~jaxbn.BatchStats` with the running mean and variance and an int32 ``count``,
       or ``None``.
 
+    A module is checked to be a BatchNorm (LayerNorm, GroupNorm and InstanceNorm are
+    refused). A ``state_dict()`` carries its modules' versions, which tells LayerNorm and
+    GroupNorm state apart; InstanceNorm state with running statistics has BatchNorm's very
+    layout and version, so only its module can be told apart.
+
     Raises:
-      ValueError: for an unknown key, ``weight`` without ``bias`` (or the reverse),
+      ValueError: for a module that is not a BatchNorm, a state that is empty or has no key
+        under ``prefix``, LayerNorm/GroupNorm state, a tensor on the ``meta`` device (no
+        data), an unknown key, ``weight`` without ``bias`` (or the reverse),
         ``running_mean`` without ``running_var`` (or the reverse), ``num_batches_tracked``
         without running statistics, arrays that are not 1-d floating point of one common
         length, or a ``num_batches_tracked`` that is not a non-negative integer scalar that
         fits int32.
+
+    Example:
 
     >>> import numpy as np
     >>> state = {'weight': np.array([2.0, 1.0], np.float32), 'bias': np.zeros(2, np.float32),
@@ -225,6 +274,8 @@ def to_torch(
     Raises:
       ValueError: if the arrays are not 1-d of one common length.
 
+    Example:
+
     >>> import jaxbn
     >>> params, stats = jaxbn.init(2)
     >>> state = to_torch(params, stats, prefix='bn.')
@@ -269,6 +320,8 @@ def torch_kwargs(momentum: float | None = 0.1, eps: float = 1e-5) -> dict[str, A
 
     Raises:
       ValueError: if ``momentum`` is outside [0, 1] or ``eps <= 0``.
+
+    Example:
 
     >>> torch_kwargs()
     {'axis': 1, 'momentum': 0.9, 'unbiased_running_var': True, 'epsilon': 1e-05}
@@ -347,6 +400,8 @@ def commutes_with_max_pool(
     Returns:
       A Python bool.
 
+    Example:
+
     >>> import jax.numpy as jnp, jaxbn
     >>> params, stats = jaxbn.init(2)
     >>> commutes_with_max_pool(params, stats)
@@ -355,7 +410,7 @@ def commutes_with_max_pool(
     False
     """
     a, _ = _affine(params, stats, epsilon)
-    if isinstance(a, jax.core.Tracer):
+    if isinstance(a, Tracer):
         raise ValueError(
             "commutes_with_max_pool needs concrete parameters to inspect their signs, got "
             "traced values; call it outside jit."
@@ -408,6 +463,8 @@ def fold_into_conv(
       ValueError: if the shapes disagree, ``stats`` is ``None``, or ``through_max_pool`` and
         some channel has ``a < 0`` (or the values are traced).
 
+    Example:
+
     >>> import jax, jax.numpy as jnp, jaxbn
     >>> kernel = jnp.sin(jnp.arange(72.0)).reshape(3, 3, 2, 4)
     >>> bias = jnp.zeros(4)
@@ -426,7 +483,7 @@ def fold_into_conv(
     _check_kernel("fold_into_conv", kernel, -1, a.shape[0], "output channels (last axis)")
     bias = _bias_or_zeros("fold_into_conv", bias, kernel)
     if through_max_pool:
-        if isinstance(a, jax.core.Tracer):
+        if isinstance(a, Tracer):
             raise ValueError(
                 "fold_into_conv(through_max_pool=True) must inspect the signs of the folded "
                 "scale, got traced values; call it outside jit."
@@ -469,6 +526,8 @@ def fold_into_dense(
 
     Raises:
       ValueError: if the shapes disagree or ``stats`` is ``None``.
+
+    Example:
 
     >>> import jax, jax.numpy as jnp, jaxbn
     >>> kernel, x = jnp.ones((3, 2)), jnp.array([[1.0, 2.0, 3.0]])
@@ -515,6 +574,8 @@ def fold_into_next_conv(
 
     Raises:
       ValueError: if the shapes disagree or ``stats`` is ``None``.
+
+    Example:
 
     >>> import jax, jax.numpy as jnp, jaxbn
     >>> params, stats = jaxbn.init(2)
@@ -566,6 +627,8 @@ def fold_into_next_dense(
 
     Raises:
       ValueError: if the shapes disagree or ``stats`` is ``None``.
+
+    Example:
 
     >>> import jax.numpy as jnp, jaxbn
     >>> params, stats = jaxbn.init(2)

@@ -1,8 +1,8 @@
 """``jaxbn.linen.BatchNorm``: a drop-in replacement for :class:`flax.linen.BatchNorm`.
 
 The module is a thin shell: it declares flax variables under flax's names and hands the
-arithmetic to :func:`jaxbn.core.batch_norm`. Switching a model is a one-line import change,
-and flax checkpoints load unchanged.
+arithmetic to the core (:func:`jaxbn.batch_norm` or a variant). Switching a model is a
+one-line import change, and flax checkpoints load unchanged.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from flax.linen import dtypes
 from flax.linen.module import merge_param
 from jax.nn import initializers
 
-from jaxbn import core, variants
+from jaxbn import _modules, core
 
 __all__ = ["BatchNorm"]
 
@@ -30,38 +30,38 @@ class BatchNorm(nn.Module):
     Every field and call argument of ``flax.linen.BatchNorm`` is accepted with the same
     meaning, default and variable layout (``params/scale``, ``params/bias``,
     ``batch_stats/mean``, ``batch_stats/var``), so a model switches by changing its import
-    and keeps its checkpoints. The computation is :func:`jaxbn.core.batch_norm`.
+    and keeps its checkpoints. The computation is :func:`jaxbn.batch_norm` (or a variant).
 
-    Differences from flax, all deliberate:
+    Differences from flax, all deliberate (the README's drop-in section lists them for
+    both modules):
 
-    * ``use_fast_variance`` defaults to ``False``: the variance is the numerically stable
-      two-pass estimate instead of flax's ``E[x^2] - E[x]^2``. A drop-in should not change
-      numerics silently, but here the change only removes a failure: on well-scaled
-      activations both agree to float32 rounding (about 1e-7 relative), while the fast
-      formula loses every significant digit when ``|mean| >> std`` (inputs around 1e4 with
-      unit spread give a variance that is pure rounding noise in float32) and the stable
-      one stays accurate, at the same number of collectives. Pass
-      ``use_fast_variance=True`` for flax's numerics.
-    * Statistics are synchronized exactly over ``axis_name`` even when masks leave devices
-      with different numbers of valid elements (flax averages per-device means).
-    * Training with a single value per feature (and no ``axis_name``) raises ``ValueError``
-      as PyTorch does, instead of normalizing by a zero variance. Initialization
-      (``init``) accepts such inputs, as flax does.
-    * A feature with no valid element under ``mask`` keeps its running statistics
-      (flax writes NaN).
-    * Inputs must be real floating point (flax also accepts complex and integer inputs).
+    * ``use_fast_variance`` defaults to ``False``: the numerically stable two-pass variance
+      instead of flax's ``E[x^2] - E[x]^2``. On well-scaled activations both agree to
+      float32 rounding (about 1e-7 relative), while the fast formula loses every
+      significant digit when ``|mean| >> std`` (inputs around 1e4 with unit spread give a
+      variance of pure rounding noise in float32), at the same number of collectives.
+      Pass ``use_fast_variance=True`` for flax's numerics.
+    * With a ``mask``, statistics are synchronized exactly over ``axis_name`` even when
+      devices hold different numbers of valid elements (flax averages per-device means),
+      and a feature with no valid element outputs ``bias`` and keeps its running
+      statistics (flax outputs and stores NaN).
     * ``force_float32_reductions=False`` keeps flax's variable dtypes (``param_dtype``
       running statistics) so checkpoints match, but the reductions themselves still run in
       float32: the core never reduces in half precision.
+
+    As in flax, training with one value per feature is allowed (variance 0, output
+    ``bias``), complex inputs are normalized (complex mean, real variance), integer inputs
+    are promoted, and during initialization the running statistics are not updated and
+    ``axis_name`` is not used, so ``init`` needs neither representative data nor a bound
+    axis name.
 
     Extras: ``momentum=None`` is PyTorch's cumulative moving average, which needs the number
     of updates so far; the module then keeps one more variable, ``batch_stats/count``
     (int32 scalar). It exists only when ``momentum is None``, so flax checkpoints stay
     loadable otherwise. ``unbiased_running_var=True`` stores ``n / (n - 1)`` times the batch
-    variance in the running variance, as PyTorch does.
-
-    During initialization the running statistics are not updated and ``axis_name`` is not
-    used (as in flax), so ``init`` needs neither representative data nor a bound axis name.
+    variance in the running variance, as PyTorch does. ``renorm`` and
+    ``virtual_batch_size`` select :func:`jaxbn.batch_renorm` and
+    :func:`jaxbn.ghost_batch_norm`.
 
     Attributes:
       use_running_average: if True, normalize with the stored running statistics instead
@@ -90,7 +90,9 @@ class BatchNorm(nn.Module):
       virtual_batch_size: use Ghost BatchNorm (:func:`jaxbn.ghost_batch_norm`) with
         statistics per virtual batch of this many examples (along axis 0).
 
-    Example, a training step and an evaluation step:
+    Example:
+
+    A training step and an evaluation step.
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxbn.linen import BatchNorm
@@ -149,7 +151,8 @@ class BatchNorm(nn.Module):
 
         Raises:
           ValueError: for ``momentum=None`` in training when ``batch_stats/count`` is
-            missing, and for whatever :func:`jaxbn.core.batch_norm` rejects.
+            missing, and for whatever :func:`jaxbn.batch_norm` rejects (but one value per
+            feature, which is allowed here as in flax).
         """
         use_running_average = merge_param(
             "use_running_average", self.use_running_average, use_running_average
@@ -162,7 +165,7 @@ class BatchNorm(nn.Module):
 
         ra_mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, stats_dtype)
         ra_var = self.variable("batch_stats", "var", jnp.ones, feature_shape, stats_dtype)
-        count = self._count(training)
+        count = _count_variable(self, training)
 
         scale = (
             self.param("scale", self.scale_init, feature_shape, self.param_dtype)
@@ -176,75 +179,40 @@ class BatchNorm(nn.Module):
         )
         # flax's output dtype: promoted from the input and the parameters that exist.
         out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
-        params = _params(scale, bias, feature_shape, self.param_dtype)
-        if mask is not None:
-            mask = jnp.asarray(mask, dtype=bool)
-
-        if training and self.is_initializing():
-            # flax neither updates the statistics nor synchronizes during init; the core's
-            # building blocks reproduce that without the training-only batch-size check.
-            m = core.moments(x, axis=self.axis, mask=mask, fast_variance=self.use_fast_variance)
-            return core.normalize(
-                x, m.mean, m.var, params, axis=self.axis, epsilon=self.epsilon, dtype=out_dtype
-            )
-
+        if not jnp.issubdtype(x.dtype, jnp.inexact):
+            x = x.astype(out_dtype)  # flax promotes integer inputs too
         stats = core.BatchStats(
             ra_mean.value,
             ra_var.value,
             count.value if count is not None else jnp.zeros((), jnp.int32),
         )
-        normalize = variants.select(
-            renorm=self.renorm, r_max=self.renorm_r_max, d_max=self.renorm_d_max,
-            virtual_batch_size=self.virtual_batch_size,
-        )
-        y, new_stats = normalize(
-            x,
-            params,
-            stats,
-            training=training,
-            axis=self.axis,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            unbiased_running_var=self.unbiased_running_var,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=mask,
-            fast_variance=self.use_fast_variance,
-            dtype=out_dtype,
-        )
-        if training:
+        initializing = self.is_initializing()
+        y, new_stats = _modules.apply(self, x, _modules.params(scale, bias), stats,
+                                      training=training, mask=mask, dtype=out_dtype,
+                                      initializing=initializing)
+        if training and not initializing:
             ra_mean.value = new_stats.mean
             ra_var.value = new_stats.var
             if count is not None:
                 count.value = new_stats.count
         return y
 
-    def _count(self, training: bool) -> Any:
-        """The ``batch_stats/count`` variable, declared only for ``momentum=None``."""
-        if self.momentum is not None:
-            return None
-        if self.is_initializing():
-            return self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
-        if not training:
-            return None
-        if not self.has_variable("batch_stats", "count"):
-            raise ValueError(
-                "momentum=None (cumulative moving average) needs the number of updates so "
-                "far in 'batch_stats/count' (an int32 scalar), got batch_stats without it "
-                "(e.g. variables from flax.linen.BatchNorm); add it, e.g. "
-                "batch_stats[...]['count'] = jnp.array(n, jnp.int32) with n the number of "
-                "batches already averaged, or use a float momentum."
-            )
-        return self.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
 
+def _count_variable(module: BatchNorm, training: bool) -> Any:
+    """The ``batch_stats/count`` variable, declared only for ``momentum=None``.
 
-def _params(
-    scale: jax.Array | None, bias: jax.Array | None, shape: tuple[int, ...], dtype: Dtype
-) -> core.BatchNormParams | None:
-    """The core's affine parameters; a missing half is a constant (it gets no gradient)."""
-    if scale is None and bias is None:
+    A function, not a method: linen wraps every method of a module (it would show up in
+    ``nn.tabulate`` and ``nn.intercept_methods`` as a call of its own).
+    """
+    if module.momentum is not None:
         return None
-    return core.BatchNormParams(
-        jnp.ones(shape, dtype) if scale is None else scale,
-        jnp.zeros(shape, dtype) if bias is None else bias,
-    )
+    if module.is_initializing():
+        return module.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)
+    if not training:
+        return None
+    if not module.has_variable("batch_stats", "count"):
+        raise _modules.count_missing(
+            "'batch_stats/count'",
+            "add it to the variables (e.g. from flax.linen.BatchNorm), e.g. "
+            "batch_stats[...]['count'] = jnp.array(n, jnp.int32)")
+    return module.variable("batch_stats", "count", jnp.zeros, (), jnp.int32)

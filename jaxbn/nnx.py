@@ -2,8 +2,8 @@
 
 The module is a thin shell: it holds flax's attributes (``scale``, ``bias`` as
 :class:`flax.nnx.Param`; ``mean``, ``var`` as :class:`flax.nnx.BatchStat`) and hands the
-arithmetic to :func:`jaxbn.core.batch_norm`. ``nnx.state`` of a model has the same structure
-with either module, so checkpoints are interchangeable.
+arithmetic to the core (:func:`jaxbn.batch_norm` or a variant). ``nnx.state`` of a model
+has the same structure with either module, so checkpoints are interchangeable.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from flax import nnx
 from flax.nnx.module import first_from
 from flax.nnx.nn import dtypes, initializers
 
-from jaxbn import core, variants
+from jaxbn import _modules, core
 
 __all__ = ["BatchNorm"]
 
@@ -43,27 +43,28 @@ class BatchNorm(nnx.Module):
     Every constructor and call argument of ``flax.nnx.BatchNorm`` is accepted with the same
     meaning and default, and the module has the same attributes, so ``model.train()``,
     ``model.eval()``, ``nnx.view`` and ``nnx.state`` behave as with flax's module and
-    checkpoints are interchangeable. The computation is :func:`jaxbn.core.batch_norm`.
+    checkpoints are interchangeable. The computation is :func:`jaxbn.batch_norm` (or a
+    variant).
 
-    Differences from flax, all deliberate:
+    Differences from flax, all deliberate (the README's drop-in section lists them):
 
-    * ``use_fast_variance`` defaults to ``False``: the variance is the numerically stable
-      two-pass estimate instead of flax's ``E[x^2] - E[x]^2``. On well-scaled activations
-      both agree to float32 rounding (about 1e-7 relative), while the fast formula loses
-      every significant digit when ``|mean| >> std`` and the stable one stays accurate, at
-      the same number of collectives. Pass ``use_fast_variance=True`` for flax's numerics.
+    * ``use_fast_variance`` defaults to ``False``, the stable two-pass variance, as in
+      :class:`jaxbn.linen.BatchNorm`; pass ``use_fast_variance=True`` for flax's numerics.
     * The running statistics are used in float32 whatever ``dtype`` is: flax passes them
       through ``promote_dtype``, so with ``dtype=jnp.bfloat16`` its inference normalizes with
       a bfloat16-rounded mean (e.g. activations around 30 with spread 0.1 come out shifted
       by up to 0.2 standard deviations); here the arithmetic runs in float32 and only the
       output is cast. ``promote_dtype`` still decides the dtype of the input, ``scale`` and
       ``bias`` that enter the core, and the output dtype.
-    * Statistics are synchronized exactly over ``axis_name`` even when masks leave devices
-      with different numbers of valid elements (flax averages per-device means).
-    * Training with a single value per feature (and no ``axis_name``) raises ``ValueError``
-      as PyTorch does, instead of normalizing by a zero variance.
-    * A feature with no valid element under ``mask`` keeps its running statistics
-      (flax writes NaN). Inputs must be real floating point.
+    * With a ``mask``, statistics are synchronized exactly over ``axis_name`` whatever the
+      valid counts per device, and a feature with no valid element outputs ``bias`` and
+      keeps its running statistics (flax: NaN).
+
+    As in flax, one value per feature in training is allowed (variance 0, output ``bias``:
+    ``nnx.tabulate(model, jnp.ones((1, n)))`` and ensembles vmapped over single examples
+    work), and complex inputs are normalized (complex mean, real variance; the running mean
+    keeps the dtype of the ``mean`` BatchStat, so a float32 one stores the real part, as
+    flax's does: make it complex to keep the whole mean).
 
     Extras: ``momentum=None`` is PyTorch's cumulative moving average, which needs the number
     of updates so far; the module then has one more :class:`flax.nnx.BatchStat`, ``count``
@@ -98,12 +99,12 @@ class BatchNorm(nnx.Module):
       rngs: random number generators for the initializers.
       bias_metadata: metadata of the ``bias`` Param.
       scale_metadata: metadata of the ``scale`` Param.
-      unbiased_running_var: keep the unbiased batch variance in the running variance.
-      renorm: use Batch Renormalization (:func:`jaxbn.batch_renorm`) in training.
-      renorm_r_max: bound of Batch Renormalization's scale correction ``r``.
-      renorm_d_max: bound of Batch Renormalization's shift correction ``d``.
-      virtual_batch_size: use Ghost BatchNorm (:func:`jaxbn.ghost_batch_norm`) with
-        statistics per virtual batch of this many examples (along axis 0).
+      unbiased_running_var: store ``n / (n - 1)`` times the batch variance, PyTorch's rule.
+      renorm: train with :func:`jaxbn.batch_renorm` instead of plain BatchNorm.
+      renorm_r_max: ``r_max`` of :func:`jaxbn.batch_renorm`.
+      renorm_d_max: ``d_max`` of :func:`jaxbn.batch_renorm`.
+      virtual_batch_size: train with :func:`jaxbn.ghost_batch_norm`, virtual batches of
+        this many examples along axis 0.
 
     Example:
 
@@ -149,6 +150,7 @@ class BatchNorm(nnx.Module):
         virtual_batch_size: int | None = None,
     ):
         _, stats = core.init(num_features, affine=False)
+        assert stats is not None
         feature_shape = stats.mean.shape
         self.mean = nnx.BatchStat(stats.mean)
         self.var = nnx.BatchStat(stats.var)
@@ -188,17 +190,12 @@ class BatchNorm(nnx.Module):
         self.renorm_d_max = renorm_d_max
         self.virtual_batch_size = virtual_batch_size
 
-    def __call__(
-        self,
-        x: jax.typing.ArrayLike,
-        use_running_average: bool | None = None,
-        *,
-        mask: jax.typing.ArrayLike | None = None,
-    ) -> jax.Array:
-        """Normalizes ``x`` with batch or running statistics.
+    def __call__(self, x: jax.typing.ArrayLike, use_running_average: bool | None = None, *,
+                 mask: jax.typing.ArrayLike | None = None) -> jax.Array:
+        """Applies the layer: batch statistics in training, running ones in evaluation.
 
         Args:
-          x: the input to normalize.
+          x: the array to normalize, features along ``axis``.
           use_running_average: if True, use the running statistics; takes precedence over
             the attribute of the same name.
           mask: optional array broadcastable to ``x`` (converted to bool); ``False``
@@ -209,7 +206,8 @@ class BatchNorm(nnx.Module):
 
         Raises:
           ValueError: for ``momentum=None`` in training without a ``count`` statistic, and
-            for whatever :func:`jaxbn.core.batch_norm` rejects.
+            for whatever :func:`jaxbn.batch_norm` rejects (but one value per feature,
+            which is allowed here as in flax).
         """
         use_running_average = first_from(
             use_running_average, self.use_running_average, error_msg=_NO_MODE
@@ -225,45 +223,28 @@ class BatchNorm(nnx.Module):
         out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
         count = getattr(self, "count", None)
         if training and self.momentum is None and count is None:
-            raise ValueError(
-                "momentum=None (cumulative moving average) needs the number of updates so "
-                "far in a `count` BatchStat (an int32 scalar), got a module without it "
-                "(momentum was not None at construction); set "
-                "bn.count = nnx.BatchStat(jnp.array(n, jnp.int32)) with n the number of "
-                "batches already averaged, or use a float momentum."
-            )
+            raise _modules.count_missing(
+                "a `count` BatchStat",
+                "the module was built with a float momentum; set "
+                "bn.count = nnx.BatchStat(jnp.array(n, jnp.int32))")
         stats = core.BatchStats(
             self.mean[...],
             self.var[...],
             count[...] if count is not None else jnp.zeros((), jnp.int32),
         )
-        normalize = variants.select(
-            renorm=self.renorm, r_max=self.renorm_r_max, d_max=self.renorm_d_max,
-            virtual_batch_size=self.virtual_batch_size,
-        )
-        y, new_stats = normalize(
-            x,
-            _params(scale, bias),
-            stats,
-            training=training,
-            axis=self.axis,
-            momentum=self.momentum,
-            epsilon=self.epsilon,
-            unbiased_running_var=self.unbiased_running_var,
-            axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups,
-            mask=None if mask is None else jnp.asarray(mask, dtype=bool),
-            fast_variance=self.use_fast_variance,
-            dtype=out_dtype,
-        )
+        y, new_stats = _modules.apply(self, x, _modules.params(scale, bias), stats,
+                                      training=training, mask=mask, dtype=out_dtype)
         if training:
-            self.mean[...] = new_stats.mean
+            mean = new_stats.mean
+            if jnp.iscomplexobj(mean) and not jnp.iscomplexobj(self.mean[...]):
+                mean = mean.real  # a real BatchStat keeps the real part, as flax.nnx's does
+            self.mean[...] = mean
             self.var[...] = new_stats.var
             if count is not None:
                 count[...] = new_stats.count
         return y
 
-    def set_view(self, use_running_average: bool | None = None):
+    def set_view(self, use_running_average: bool | None = None) -> None:
         """Class method used by ``nnx.view``.
 
         Args:
@@ -273,13 +254,3 @@ class BatchNorm(nnx.Module):
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
-
-def _params(scale: jax.Array | None, bias: jax.Array | None) -> core.BatchNormParams | None:
-    """The core's affine parameters; a missing half is a constant (it gets no gradient)."""
-    if scale is None and bias is None:
-        return None
-    ref = scale if scale is not None else bias
-    return core.BatchNormParams(
-        jnp.ones_like(ref) if scale is None else scale,
-        jnp.zeros_like(ref) if bias is None else bias,
-    )

@@ -1,20 +1,27 @@
 """BatchNorm variants for small batches: Batch Renormalization and Ghost BatchNorm.
 
 Both follow the conventions of :func:`jaxbn.batch_norm` (same keywords, same state types,
-same synchronization and mask semantics) and are built from the core's building blocks:
-:func:`jaxbn.moments`, :func:`jaxbn.normalize` and :func:`jaxbn.update_stats`.
+same synchronization and mask semantics, same derivatives in both modes) and are built
+from the core's building blocks: :func:`jaxbn.core.validate`,
+:func:`jaxbn.core.batch_normalize`, :func:`jaxbn.core.unbiased` and
+:func:`jaxbn.update_stats`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from jaxbn import core
 from jaxbn.core import (
     Array,
     ArrayLike,
@@ -23,12 +30,10 @@ from jaxbn.core import (
     BatchNormParams,
     BatchStats,
     DTypeLike,
+    Groups,
     Moments,
-    _validate,
     batch_norm,
-    moments,
     normalize,
-    update_stats,
 )
 
 __all__ = ["batch_renorm", "ghost_batch_norm", "select"]
@@ -47,7 +52,7 @@ def batch_renorm(
     epsilon: float = 1e-5,
     unbiased_running_var: bool = False,
     axis_name: AxisName | None = None,
-    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    axis_index_groups: Groups | None = None,
     mask: ArrayLike | None = None,
     fast_variance: bool = False,
     dtype: DTypeLike | None = None,
@@ -64,21 +69,25 @@ def batch_renorm(
     so the output the network learns on is the inference-time output whenever the batch's
     statistics are within the clipping range: small batches no longer shift what the layer
     computes at test time. ``r_max=1, d_max=0`` is plain BatchNorm. Inference is
-    :func:`jaxbn.batch_norm` with the running statistics.
+    :func:`jaxbn.batch_norm` with the running statistics. Real inputs only.
+
+    The arguments not listed below are :func:`jaxbn.batch_norm`'s, with the same meaning.
 
     Args:
-      x, params, training, axis, momentum, epsilon, unbiased_running_var, axis_name,
-      axis_index_groups, mask, fast_variance, dtype: as in :func:`jaxbn.batch_norm`.
       stats: running statistics (required: the corrections are relative to them).
       r_max: bound (>= 1) of the scale correction ``r``.
       d_max: bound (>= 0) of the shift correction ``d``, in running standard deviations.
+        Like ``momentum`` and ``epsilon``, the bounds may be traced and are then unchecked.
 
     Returns:
       ``(y, new_stats)`` as :func:`jaxbn.batch_norm`.
 
     Raises:
-      ValueError: as :func:`jaxbn.batch_norm`, and for ``stats=None``, ``r_max < 1`` or
-        ``d_max < 0``.
+      TypeError: as :func:`jaxbn.batch_norm`, and for a non-number ``r_max``/``d_max``.
+      ValueError: as :func:`jaxbn.batch_norm` (one value per feature included), and for
+        ``stats=None``, ``r_max < 1``, ``d_max < 0`` or a complex input.
+
+    Example:
 
     >>> import jax, jax.numpy as jnp, jaxbn
     >>> params, stats = jaxbn.init(3)
@@ -93,30 +102,20 @@ def batch_renorm(
             "batch_renorm needs running statistics (stats), got None; create them with "
             "jaxbn.init(num_features)."
         )
-    if not r_max >= 1.0:
-        raise ValueError(f"r_max must be >= 1, got {r_max!r}.")
-    if not d_max >= 0.0:
-        raise ValueError(f"d_max must be >= 0, got {d_max!r}.")
-    common = dict(axis=axis, momentum=momentum, epsilon=epsilon, dtype=dtype)
+    renorm = core.Renorm(stats.mean, stats.var, r_max, d_max)
+    x, _, mask = core.validate(x, params, stats, training=training, axis=axis,
+                               momentum=momentum, epsilon=epsilon, dtype=dtype,
+                               axis_name=axis_name, axis_index_groups=axis_index_groups,
+                               mask=mask)
     if not training:
-        return batch_norm(x, params, stats, training=False, **common)
-    x, feats, mask = _validate(x, params, stats, training=training, axis_name=axis_name,
-                               axis_index_groups=axis_index_groups, mask=mask, **common)
-    m = moments(x, axis=axis, mask=mask, axis_name=axis_name,
-                axis_index_groups=axis_index_groups, fast_variance=fast_variance)
-    sigma_b = jnp.sqrt(m.var + epsilon)
-    sigma = jnp.sqrt(stats.var + epsilon)
-    r = lax.stop_gradient(jnp.clip(sigma_b / sigma, 1.0 / r_max, r_max))
-    d = lax.stop_gradient(jnp.clip((m.mean - stats.mean) / sigma, -d_max, d_max))
-    scale = jnp.ones_like(r) if params is None else params.scale
-    bias = jnp.zeros_like(d) if params is None else params.bias
-    # (x - mu_B) / sigma_B * (r * scale) + (d * scale + bias): plain normalization with
-    # corrected affine parameters.
-    y = normalize(x, m.mean, m.var, BatchNormParams(scale * r, bias + scale * d), axis=axis,
-                  epsilon=epsilon, dtype=dtype)
-    new_stats = update_stats(stats, jax.tree.map(lax.stop_gradient, m), momentum=momentum,
-                             unbiased_running_var=unbiased_running_var)
-    return y, new_stats
+        return normalize(x, stats.mean, stats.var, params, axis=axis, epsilon=epsilon,
+                         dtype=dtype), stats
+    y, m = core.batch_normalize(x, params, axis=axis, epsilon=epsilon, mask=mask,
+                                axis_name=axis_name, axis_index_groups=axis_index_groups,
+                                fast_variance=fast_variance, dtype=dtype, renorm=renorm)
+    new_stats = core.update_stats(stats, m, momentum=momentum,
+                                  unbiased_running_var=unbiased_running_var)
+    return y, jax.tree.map(lax.stop_gradient, new_stats)
 
 
 def ghost_batch_norm(
@@ -132,7 +131,7 @@ def ghost_batch_norm(
     epsilon: float = 1e-5,
     unbiased_running_var: bool = False,
     axis_name: AxisName | None = None,
-    axis_index_groups: Sequence[Sequence[int]] | None = None,
+    axis_index_groups: Groups | None = None,
     mask: ArrayLike | None = None,
     fast_variance: bool = False,
     dtype: DTypeLike | None = None,
@@ -147,9 +146,9 @@ def ghost_batch_norm(
     unbiased per virtual batch first when ``unbiased_running_var``). Inference is plain
     :func:`jaxbn.batch_norm`.
 
+    The arguments not listed below are :func:`jaxbn.batch_norm`'s, with the same meaning.
+
     Args:
-      x, params, stats, training, axis, momentum, epsilon, unbiased_running_var, axis_name,
-      axis_index_groups, mask, fast_variance, dtype: as in :func:`jaxbn.batch_norm`.
       virtual_batch_size: examples per virtual batch; must divide the batch size.
       batch_axis: the axis that holds the examples (not a feature axis).
 
@@ -157,8 +156,12 @@ def ghost_batch_norm(
       ``(y, new_stats)`` as :func:`jaxbn.batch_norm`.
 
     Raises:
+      TypeError: as :func:`jaxbn.batch_norm`, and for a non-integer ``virtual_batch_size``.
       ValueError: as :func:`jaxbn.batch_norm`, and when ``virtual_batch_size`` does not
-        divide the batch or ``batch_axis`` is a feature axis.
+        divide the batch, a virtual batch has one value per feature, or ``batch_axis`` is
+        a feature axis.
+
+    Example:
 
     >>> import jax, jax.numpy as jnp, jaxbn
     >>> x = jax.random.normal(jax.random.key(0), (8, 3))
@@ -167,60 +170,91 @@ def ghost_batch_norm(
     >>> bool(jnp.allclose(y[:4], y_first, atol=1e-6))
     True
     """
-    common = dict(axis=axis, momentum=momentum, epsilon=epsilon, dtype=dtype)
+    x, feats, mask = core.validate(x, params, stats, training=training, axis=axis,
+                                   momentum=momentum, epsilon=epsilon, dtype=dtype,
+                                   axis_name=axis_name, axis_index_groups=axis_index_groups,
+                                   mask=mask)
     if not training and stats is not None:
-        return batch_norm(x, params, stats, training=False, **common)
-    x, feats, mask = _validate(x, params, stats, training=training, axis_name=axis_name,
-                               axis_index_groups=axis_index_groups, mask=mask, **common)
-    if not -x.ndim <= batch_axis < x.ndim or batch_axis % x.ndim in feats:
+        return batch_norm(x, params, stats, training=False, axis=axis, momentum=momentum,
+                          epsilon=epsilon, dtype=dtype)
+    b = _int("batch_axis", batch_axis)
+    if not -x.ndim <= b < x.ndim or b % x.ndim in feats:
         raise ValueError(
             f"batch_axis must be a non-feature axis of the rank-{x.ndim} input, got "
             f"batch_axis={batch_axis} with feature axes {feats}."
         )
-    b = batch_axis % x.ndim
-    v = virtual_batch_size
-    if not isinstance(v, int) or v < 1 or x.shape[b] % v:
+    b %= x.ndim
+    v = _int("virtual_batch_size", virtual_batch_size)
+    if v < 1 or x.shape[b] % v:
         raise ValueError(
             f"virtual_batch_size must be a positive divisor of the batch size "
-            f"{x.shape[b]} (axis {b}), got {v!r}."
+            f"{x.shape[b]} (axis {b}), got {virtual_batch_size!r}."
         )
     groups = x.shape[b] // v
     # Split the batch axis into (groups, v) and treat `groups` as one more feature axis:
-    # the core's synced, masked moments then give per-virtual-batch statistics.
-    split = x.shape[:b] + (groups, v) + x.shape[b + 1 :]
-    xs = x.reshape(split)
+    # the core's synced, masked normalization then gives per-virtual-batch statistics.
+    split = x.shape[:b] + (groups, v) + x.shape[b + 1:]
     gfeats = tuple(sorted((b,) + tuple(a + 1 if a > b else a for a in feats)))
-    if xs.size // (x.shape[b] * math.prod(x.shape[a] for a in feats)) * v <= 1 and (
-        axis_name is None
-    ):
+    if math.prod(n for a, n in enumerate(split) if a not in gfeats) <= 1 and axis_name is None:
         raise ValueError(
             f"expected more than 1 value per feature in each virtual batch, got input shape "
             f"{x.shape} with virtual_batch_size={v}; use a larger virtual batch."
         )
-    ms = None if mask is None else jnp.broadcast_to(mask, x.shape).reshape(split)
-    m = moments(xs, axis=gfeats, mask=ms, axis_name=axis_name,
-                axis_index_groups=axis_index_groups, fast_variance=fast_variance)
-    y = normalize(xs, m.mean, m.var, None, axis=gfeats, epsilon=epsilon, dtype=jnp.float32)
-    # Put the virtual-batch axis of the statistics first.
-    m = jax.tree.map(lambda s: jnp.moveaxis(s, gfeats.index(b), 0), m)
-    if params is not None:
-        fshape = [1] * x.ndim
-        for a in feats:
-            fshape[a] = x.shape[a]
-        y = y.reshape(x.shape) * params.scale.reshape(fshape) + params.bias.reshape(fshape)
-    y = y.reshape(x.shape).astype(dtype or x.dtype)
+    g = gfeats.index(b)
+    gparams = None if params is None else jax.tree.map(
+        lambda p: jnp.broadcast_to(jnp.expand_dims(p, g), (groups, *p.shape)), params)
+    xg, restore = _splittable(x, b, groups)
+    ms = None if mask is None else _splittable(jnp.broadcast_to(mask, x.shape), b, groups)[0]
+    y, m = core.batch_normalize(xg.reshape(split), gparams, axis=gfeats, epsilon=epsilon,
+                                mask=None if ms is None else ms.reshape(split),
+                                axis_name=axis_name, axis_index_groups=axis_index_groups,
+                                fast_variance=fast_variance, dtype=dtype)
+    y = restore(y.reshape(x.shape))
     if stats is None or not training:
         return y, stats
-    m = jax.tree.map(lax.stop_gradient, m)
-    n, var = m.count, m.var
+    # Put the virtual-batch axis of the statistics first.
+    m = jax.tree.map(lambda s: jnp.moveaxis(s, g, 0), m)
     if unbiased_running_var:
-        var = jnp.where(n > 1, var * n / jnp.maximum(n - 1, 1), var)
+        m = core.unbiased(m)
     # A virtual batch with no valid element takes no part in the average.
-    has = (n > 0).astype(var.dtype)
+    has = (m.count > 0).astype(m.var.dtype)
     k = jnp.maximum(has.sum(0), 1)
-    avg = Moments((m.mean * has).sum(0) / k, (var * has).sum(0) / k, n.sum(0))
-    new_stats = update_stats(stats, avg, momentum=momentum, unbiased_running_var=False)
-    return y, new_stats
+    avg = Moments((m.mean * has).sum(0) / k, (m.var * has).sum(0) / k, m.count.sum(0))
+    new_stats = core.update_stats(stats, avg, momentum=momentum, unbiased_running_var=False)
+    return y, jax.tree.map(lax.stop_gradient, new_stats)
+
+
+def _splittable(x: Array, b: int, groups: int) -> tuple[Array, Callable[[Array], Array]]:
+    """``x``, resharded if need be so that axis ``b`` can be split into ``groups`` blocks.
+
+    Under ``jit`` with axis ``b`` sharded over explicit mesh axes, splitting it keeps the
+    sharding on the blocks, which needs ``groups`` to be a multiple of the number of shards.
+    Otherwise (a virtual batch spans devices, or devices hold parts of several) axis ``b``
+    is gathered first, one all-gather of ``x``, and the result is sharded back.
+    """
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    mesh = getattr(sharding, "mesh", None)
+    spec = tuple(getattr(sharding, "spec", ()))
+    entry = spec[b] if b < len(spec) else None
+    if mesh is None or entry is None:
+        return x, lambda y: y
+    names = entry if isinstance(entry, tuple) else (entry,)
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    explicit = [n for n in names if types.get(n) == AxisType.Explicit]
+    if not explicit or groups % math.prod(mesh.shape[n] for n in explicit) == 0:
+        return x, lambda y: y
+    gathered = P(*(None if a == b else e for a, e in enumerate(spec)))
+    return (jax.sharding.reshard(x, NamedSharding(mesh, gathered)),
+            lambda y: jax.sharding.reshard(y, sharding))
+
+
+def _int(name: str, value: Any) -> int:
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool {value!r}.")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}.") from None
 
 
 def select(
@@ -243,6 +277,8 @@ def select(
 
     Raises:
       ValueError: when both variants are asked for.
+
+    Example:
 
     >>> select() is batch_norm
     True

@@ -19,6 +19,16 @@ if jax.device_count() < NUM_DEVICES:  # pragma: no cover - a set-up error, not a
     )
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """flax's own BatchNorm tests run in a subprocess: start it now, wait for it last."""
+    flax_suite = [i for i in items if i.nodeid.startswith("tests/test_flax_suite.py")]
+    if flax_suite and not config.option.collectonly:
+        items[:] = [i for i in items if i not in flax_suite] + flax_suite
+        from tests import test_flax_suite
+
+        test_flax_suite.start()
+
+
 @pytest.fixture(scope="session")
 def mesh():
     """A one-axis mesh named 'd' over the eight fake devices (automatic sharding)."""

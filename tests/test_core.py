@@ -403,7 +403,7 @@ X = np.ones((4, 3), np.float32)
 
 
 def test_error_non_floating_input():
-    with pytest.raises(ValueError, match=r"floating-point input, got dtype int32"):
+    with pytest.raises(ValueError, match=r"floating-point \(or complex\) input, got dtype int32"):
         jaxbn.batch_norm(X.astype(np.int32), None, None, training=True)
 
 
@@ -493,11 +493,112 @@ def test_unsynced_bn_in_shard_map_with_replicated_params(mesh):
     np.testing.assert_allclose(g.bias, want[1], rtol=1e-5, atol=1e-5)
 
 
-def test_error_traced_epsilon_in_training():
-    """A traced epsilon is fine in inference but named clearly when batch statistics are used."""
+def test_traced_hyperparameters_are_used_unchecked():
+    """Traced momentum/epsilon (jit arguments) work, as documented: used as given, unchecked."""
     params, stats = jaxbn.init(3)
-    ok = jax.jit(lambda x, e: jaxbn.batch_norm(x, params, stats, training=False, epsilon=e)[0])
-    assert ok(X, 1e-5).shape == X.shape
-    bad = jax.jit(lambda x, e: jaxbn.batch_norm(x, params, stats, training=True, epsilon=e)[0])
-    with pytest.raises(ValueError, match=r"epsilon must be a static Python float .* traced"):
-        bad(X, 1e-5)
+    x = _rng(9).normal(size=(6, 3)).astype(np.float32)
+    step = jax.jit(lambda x, m, e: jaxbn.batch_norm(x, params, stats, training=True,
+                                                     momentum=m, epsilon=e))
+    y, new = step(x, 0.9, 1e-3)
+    y_ref, new_ref = jaxbn.batch_norm(x, params, stats, training=True, momentum=0.9,
+                                      epsilon=1e-3)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(new.var, new_ref.var, rtol=1e-6)
+    # Out of range but traced: no check, no clamp; the documented formula is applied as is.
+    _, odd = step(x, 1.5, 1e-3)
+    np.testing.assert_allclose(odd.mean, -0.5 * x.mean(0), rtol=1e-5, atol=1e-6)
+    # The same values given as numbers are refused.
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\].*got 1.5"):
+        jaxbn.batch_norm(x, params, stats, training=True, momentum=1.5)
+
+
+# ----------------------------------------------------------------------------------------
+# Complex inputs (flax's convention): complex mean, real variance E|x - mean|^2.
+
+
+def _complex_batch(shape=(D * 4, 3), seed=10):
+    r = _rng(seed)
+    return (r.normal(1, 2, shape) + 1j * r.normal(-2, 1, shape)).astype(np.complex64)
+
+
+@pytest.mark.parametrize("fast_variance", [False, True])
+def test_complex_matches_reference(fast_variance):
+    x = _complex_batch()
+    params, stats = _params(3), _stats(3)
+    y, new = jaxbn.batch_norm(x, params, stats, training=True, momentum=0.9,
+                              fast_variance=fast_variance)
+    xd = x.astype(np.complex128)
+    mean, var = xd.mean(0), (np.abs(xd - xd.mean(0)) ** 2).mean(0)
+    want = (xd - mean) / np.sqrt(var + 1e-5) * np.asarray(params.scale) + np.asarray(params.bias)
+    assert y.dtype == jnp.complex64 and new.var.dtype == jnp.float32
+    np.testing.assert_allclose(y, want, rtol=RTOL, atol=RTOL)
+    np.testing.assert_allclose(new.mean, 0.9 * np.asarray(stats.mean) + 0.1 * mean, rtol=RTOL)
+    np.testing.assert_allclose(new.var, 0.9 * np.asarray(stats.var) + 0.1 * var, rtol=RTOL)
+    y_eval, _ = jaxbn.batch_norm(x, params, new, training=False)
+    assert y_eval.dtype == jnp.complex64
+
+
+@pytest.mark.parametrize("kind", ["vmap", "shard_map"])
+def test_complex_synced_equals_whole_batch(kind, mesh):
+    x, mask = _complex_batch(), _uneven_batch(shape=(D * 4, 3))[1]
+    params = _params(3)
+
+    def fn(x, mask, axis_name):
+        return jaxbn.batch_norm(x, params, None, training=True, mask=mask,
+                                axis_name=axis_name)
+
+    def loss(x, run):
+        return jnp.sum(jnp.abs(run(x)[0]) ** 2 * jnp.arange(3.0))
+
+    got = jax.jit(jax.value_and_grad(lambda x: loss(
+        x, lambda x: _run_synced(kind, fn, x, mask, mesh))))(x)
+    want = jax.jit(jax.value_and_grad(lambda x: loss(x, lambda x: fn(x, mask, None))))(x)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-5)
+
+
+def test_complex_gradients_match_plain_autodiff():
+    """The custom derivative rule agrees with JAX's own derivatives of the formula."""
+    x = _complex_batch((12, 3))
+    params = _params(3)
+
+    def plain(x, p):
+        mean = x.mean(0)
+        var = jnp.mean(jnp.abs(x - mean) ** 2, 0)
+        return (x - mean) * jax.lax.rsqrt(var + 1e-5) * p.scale + p.bias
+
+    def loss(f):
+        return lambda x, p: jnp.sum(jnp.sin(f(x, p).real) + jnp.cos(f(x, p).imag))
+
+    ours = lambda x, p: jaxbn.batch_norm(x, p, None, training=True)[0]  # noqa: E731
+    t = _complex_batch((12, 3), seed=11)
+
+    @jax.jit
+    def derivatives(x, p):
+        return [(jax.grad(loss(f), argnums=(0, 1))(x, p),
+                 jax.jvp(partial(f, p=p), (x,), (t,))[1]) for f in (ours, plain)]
+
+    got, want = derivatives(x, params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["vmap", "pmap", "shard_map"])
+def test_forward_mode_synced_equals_whole_batch(kind, mesh):
+    """jvp and a forward-over-reverse Hessian-vector product through synced statistics."""
+    x, mask = _uneven_batch(seed=12)
+    t = _rng(13).normal(size=x.shape).astype(np.float32)
+    params = _params(5)
+
+    def fn(x, mask, axis_name):
+        return jaxbn.batch_norm(x, params, None, training=True, mask=mask, axis_name=axis_name)
+
+    def derivatives(run, x):
+        y = lambda x: run(x)[0]  # noqa: E731
+        loss = lambda x: jnp.sum(jnp.sin(y(x)))  # noqa: E731
+        return jax.jvp(y, (x,), (t,))[1], jax.jvp(jax.grad(loss), (x,), (t,))[1]
+
+    got = jax.jit(partial(derivatives, lambda x: _run_synced(kind, fn, x, mask, mesh)))(x)
+    want = jax.jit(partial(derivatives, lambda x: fn(x, mask, None)))(x)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-4)

@@ -28,9 +28,8 @@ def assert_trees_close(a, b, rtol=RTOL, atol=ATOL):
     assert jax.tree.structure(a) == jax.tree.structure(b)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
         assert x.shape == y.shape and x.dtype == y.dtype, (x.shape, x.dtype, y.shape, y.dtype)
-        np.testing.assert_allclose(
-            np.asarray(x, np.float32), np.asarray(y, np.float32), rtol=rtol, atol=atol
-        )
+        dt = np.complex64 if jnp.iscomplexobj(x) else np.float32
+        np.testing.assert_allclose(np.asarray(x, dt), np.asarray(y, dt), rtol=rtol, atol=atol)
 
 
 class CNN(nnx.Module):
@@ -285,7 +284,7 @@ def test_momentum_none_without_count():
     bn.momentum = None  # e.g. switched after loading a flax checkpoint
     x = jnp.arange(6.0).reshape(2, 3)
     bn(x, use_running_average=True)  # inference needs no count
-    with pytest.raises(ValueError, match=r"`count` BatchStat.*got a module without it"):
+    with pytest.raises(ValueError, match=r"momentum=None .* in a `count` BatchStat .* got none"):
         bn(x)
 
 
@@ -312,3 +311,69 @@ def test_use_running_average_required():
     bn = bn_nnx.BatchNorm(3, use_running_average=None, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="use_running_average"):
         bn(jnp.ones((4, 3)))
+
+
+# ----------------------------------------------------------------------------------------
+# Where flax workflows used to break.
+
+
+class _MLP(nnx.Module):
+    def __init__(self, bn, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(2, 4, rngs=rngs)
+        self.bn = bn(4, rngs=rngs)
+
+    def __call__(self, x):
+        return self.bn(self.linear(x))
+
+
+def test_one_value_per_feature_follows_flax():
+    """A batch of one in training: output = bias, stats updated as flax; tabulate works."""
+    x = jnp.array([[0.5, -1.0]])
+    ref, ours = _MLP(nnx.BatchNorm, nnx.Rngs(0)), _MLP(bn_nnx.BatchNorm, nnx.Rngs(0))
+    assert_trees_close(ours(x), ref(x))
+    assert_trees_close(_leaves(nnx.state(ours)), _leaves(nnx.state(ref)))
+    table = nnx.tabulate(_MLP(bn_nnx.BatchNorm, nnx.Rngs(0)), jnp.ones((1, 2)))
+    assert "BatchNorm" in table
+    # An ensemble vmapped over members, one example each.
+    members = jnp.arange(6.0).reshape(3, 1, 2)
+
+    def ensemble(bn):
+        graphdef, state = nnx.split(_MLP(bn, nnx.Rngs(1)))
+
+        def member(state, x):
+            model = nnx.merge(graphdef, state)
+            return model(x), nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+        return jax.vmap(member, in_axes=(None, 0))(state, members)
+
+    assert_trees_close(ensemble(bn_nnx.BatchNorm), ensemble(nnx.BatchNorm))
+
+
+def test_grad_with_hijax_variables():
+    """nnx.var_defaults(hijax=True): the new running stats carry no gradient (as flax's)."""
+    x = jax.random.normal(jax.random.key(0), (8, 2))
+    results = []
+    for bn in (nnx.BatchNorm, bn_nnx.BatchNorm):
+        with nnx.var_defaults(hijax=True):
+            model = _MLP(bn, nnx.Rngs(0))
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+        @jax.jit
+        def step(x, graphdef=graphdef, params=params, rest=rest):
+            def loss(params):
+                return jnp.sum(jnp.sin(nnx.merge(graphdef, params, rest)(x)) * x[:, :1])
+
+            return jax.grad(loss)(nnx.with_vars(params, hijax=False))
+
+        results.append((nnx.to_pure_dict(step(x)), model.bn.mean[...]))
+    assert_trees_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+
+
+# flax.nnx's module stores its complex running mean into a float32 BatchStat (JAX warns).
+@pytest.mark.filterwarnings("ignore:scatter inputs have incompatible types:FutureWarning")
+def test_complex_input_matches_flax():
+    x = jax.random.normal(jax.random.key(0), (8, 3), jnp.complex64) + (1 + 2j)
+    ref = nnx.BatchNorm(3, momentum=0.9, use_fast_variance=False, rngs=nnx.Rngs(0))
+    ours = bn_nnx.BatchNorm(3, momentum=0.9, rngs=nnx.Rngs(0))
+    assert_trees_close(ours(x), ref(x), atol=1e-6)
+    assert_trees_close((ours.mean[...], ours.var[...]), (ref.mean[...], ref.var[...]))

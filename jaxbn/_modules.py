@@ -1,0 +1,172 @@
+"""What :mod:`jaxbn.linen` and :mod:`jaxbn.nnx` share: the arithmetic of one call.
+
+Both modules hold their variables the flax way and hand everything else to
+:func:`apply`, which picks the core function for the module's options. No flax import
+here: the modules pass themselves in, read through the :class:`Options` protocol.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxbn import core, variants
+
+__all__ = ["Options", "apply", "count_missing", "params"]
+
+
+class Options(Protocol):
+    """The module attributes :func:`apply` reads (both modules' flax-named options).
+
+    Read-only here, so that each module may declare them with narrower types.
+    """
+
+    @property
+    def axis(self) -> core.Axis: ...
+    @property
+    def momentum(self) -> float | None: ...
+    @property
+    def epsilon(self) -> float: ...
+    @property
+    def axis_name(self) -> core.AxisName | None: ...
+    @property
+    def axis_index_groups(self) -> Any: ...
+    @property
+    def use_fast_variance(self) -> bool: ...
+    @property
+    def unbiased_running_var(self) -> bool: ...
+    @property
+    def renorm(self) -> bool: ...
+    @property
+    def renorm_r_max(self) -> float: ...
+    @property
+    def renorm_d_max(self) -> float: ...
+    @property
+    def virtual_batch_size(self) -> int | None: ...
+
+
+def params(scale: jax.Array | None, bias: jax.Array | None) -> core.BatchNormParams | None:
+    """The core's affine parameters; a missing half is a constant (it gets no gradient).
+
+    Args:
+      scale: the module's scale, or ``None`` (``use_scale=False``).
+      bias: the module's bias, or ``None`` (``use_bias=False``).
+
+    Returns:
+      :class:`jaxbn.BatchNormParams`, or ``None`` when both are missing.
+
+    Example:
+
+    >>> import jax.numpy as jnp
+    >>> params(None, jnp.zeros(2)).scale
+    Array([1., 1.], dtype=float32)
+    """
+    if scale is None and bias is None:
+        return None
+    ref = scale if scale is not None else bias
+    assert ref is not None
+    return core.BatchNormParams(
+        jnp.ones_like(ref) if scale is None else scale,
+        jnp.zeros_like(ref) if bias is None else bias,
+    )
+
+
+def count_missing(where: str, fix: str) -> ValueError:
+    """The error for ``momentum=None`` without the number of updates so far.
+
+    Args:
+      where: where the count was expected, e.g. ``"'batch_stats/count'"``.
+      fix: how to add it.
+
+    Returns:
+      The ``ValueError`` to raise.
+
+    Example:
+
+    >>> 'momentum=None' in str(count_missing("'batch_stats/count'", "add it"))
+    True
+    """
+    return ValueError(
+        f"momentum=None (cumulative moving average) needs the number of updates so far in "
+        f"{where} (an int32 scalar), got none; {fix} with n the number of batches already "
+        f"averaged, or use a float momentum."
+    )
+
+
+def _one_value_per_feature(x: jax.Array, axis: core.Axis) -> bool:
+    feats = core.feature_axes(x.ndim, axis)
+    return math.prod(n for a, n in enumerate(x.shape) if a not in feats) <= 1
+
+
+def apply(
+    module: Options,
+    x: jax.typing.ArrayLike,
+    params: core.BatchNormParams | None,
+    stats: core.BatchStats,
+    *,
+    training: bool,
+    mask: jax.typing.ArrayLike | None,
+    dtype: Any,
+    initializing: bool = False,
+) -> tuple[jax.Array, core.BatchStats]:
+    """One BatchNorm call with the module's options; returns ``(y, new_stats)``.
+
+    Follows flax where it differs from the functional :func:`jaxbn.batch_norm`: training
+    with one value per feature (no ``axis_name``) is allowed — variance 0, output
+    ``bias``, running statistics updated — and during initialization (``initializing``)
+    the statistics are neither synchronized nor updated.
+
+    Args:
+      module: the module, for its options.
+      x: the input.
+      params: the affine parameters, or ``None``.
+      stats: the running statistics.
+      training: use batch statistics and update the running ones.
+      mask: optional mask, converted to bool.
+      dtype: the output dtype.
+      initializing: linen's ``init``: no synchronization, ``stats`` returned unchanged.
+
+    Returns:
+      The output and the running statistics to store.
+
+    Example:
+
+    >>> import types, jax.numpy as jnp, jaxbn
+    >>> opts = types.SimpleNamespace(
+    ...     axis=-1, momentum=0.9, epsilon=1e-5, axis_name=None, axis_index_groups=None,
+    ...     use_fast_variance=False, unbiased_running_var=False, renorm=False,
+    ...     renorm_r_max=3.0, renorm_d_max=5.0, virtual_batch_size=None)
+    >>> y, s = apply(opts, jnp.array([[4.0, 5.0]]), *jaxbn.init(2), training=True, mask=None,
+    ...              dtype=jnp.float32)
+    >>> y, s.mean
+    (Array([[0., 0.]], dtype=float32), Array([0.4, 0.5], dtype=float32))
+    """
+    x = jnp.asarray(x)
+    mask = None if mask is None else jnp.asarray(mask, dtype=bool)
+    common: dict[str, Any] = dict(axis=module.axis, epsilon=module.epsilon, mask=mask,
+                                  fast_variance=module.use_fast_variance, dtype=dtype)
+    if training and (initializing or (module.axis_name is None
+                                      and _one_value_per_feature(x, module.axis))):
+        renorm = None
+        if module.renorm and not initializing:
+            renorm = core.Renorm(stats.mean, stats.var, module.renorm_r_max,
+                                 module.renorm_d_max)
+        y, m = core.batch_normalize(x, params, renorm=renorm, **common)
+        if initializing:
+            return y, stats
+        new = core.update_stats(stats, m, momentum=module.momentum,
+                                unbiased_running_var=module.unbiased_running_var)
+        return y, jax.tree.map(lax.stop_gradient, new)
+    normalize = variants.select(renorm=module.renorm, r_max=module.renorm_r_max,
+                                d_max=module.renorm_d_max,
+                                virtual_batch_size=module.virtual_batch_size)
+    y, new_stats = normalize(x, params, stats, training=training, momentum=module.momentum,
+                             unbiased_running_var=module.unbiased_running_var,
+                             axis_name=module.axis_name,
+                             axis_index_groups=module.axis_index_groups, **common)
+    assert new_stats is not None
+    return y, new_stats
