@@ -289,3 +289,21 @@ def test_synced_bn_under_shard_map_equals_one_device(mesh, norm):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                  dict(got_state), dict(want_state))
+
+
+@pytest.mark.parametrize("norm", ["jaxbn", "flax"])
+def test_forward_under_explicit_mesh_axes_equals_one_device(norm):
+    """A batch sharded over jax.make_mesh's default (Explicit) axes under plain jit."""
+    mesh = jax.make_mesh((8,), ("d",))
+    assert mesh.axis_types == (jax.sharding.AxisType.Explicit,)
+    x = _images(batch=16)
+    model = LeNet(norm=norm)
+    variables = _init(model, x)
+    want, want_state = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    with jax.set_mesh(mesh):
+        xs = jax.device_put(x, jax.sharding.NamedSharding(mesh, P("d")))
+        got, got_state = jax.jit(
+            lambda v, x: model.apply(v, x, train=True, mutable=["batch_stats"]))(variables, xs)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 dict(got_state), dict(want_state))

@@ -25,6 +25,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 import jaxbn.linen
 from train.conv import Conv
@@ -74,7 +75,13 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     """
     b, h, w, c = x.shape
     x = x[:, : h - h % 2, : w - w % 2]
-    return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+    # Under explicit mesh axes a reshape that splits dimensions must name its output
+    # sharding: each split dimension keeps its sharding on the major half.
+    spec = jax.typeof(x).sharding.spec
+    sb, sh, sw, sc = (*spec, *(None,) * (4 - len(spec)))
+    out_sharding = None if not any((sb, sh, sw, sc)) else P(sb, sh, None, sw, None, sc)
+    windows = jax.lax.reshape(x, (b, h // 2, 2, w // 2, 2, c), out_sharding=out_sharding)
+    return windows.max(axis=(2, 4))
 
 
 def _as_kwargs(bn_kwargs: Any) -> dict[str, Any]:
