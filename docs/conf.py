@@ -87,6 +87,9 @@ PUBLIC_MODULES = ("jaxbn", "jaxbn.core", "jaxbn.linen", "jaxbn.nnx", "jaxbn.inte
 logger = logging.getLogger(__name__)
 
 
+_TYPE_IGNORE = re.compile(r"^#\s*type:\s*ignore\[[^]]*\]\s*")
+
+
 def _field_comments(cls: type) -> dict[str, str]:
     """``{field: comment}`` from the ``name: type  # comment`` lines of a NamedTuple's body."""
     try:
@@ -100,7 +103,8 @@ def _field_comments(cls: type) -> dict[str, str]:
         if tok.type == tokenize.OP and tok.string == ":" and prev.type == tokenize.NAME:
             line_names.setdefault(prev.start[0], prev.string)
         if tok.type == tokenize.COMMENT and tok.start[0] in line_names:
-            out[line_names[tok.start[0]]] = tok.string.lstrip("#").strip()
+            comment = _TYPE_IGNORE.sub("", tok.string)  # mypy's pragma is not the description
+            out[line_names[tok.start[0]]] = comment.lstrip("#").strip()
     return out
 
 
