@@ -1,5 +1,6 @@
 # `make run`: set up and train the LeNet-BN on Fashion-MNIST.  `make test`: set up and run the tests.
-# `make ci`: everything CI runs (tests, the installed-wheel check, the documentation build).
+# `make ci`: everything CI runs (tests, the installed-wheel check, the documentation build,
+# the type check).
 .PHONY: setup data run test lint bench docs typecheck check-wheel ci bench-gpu
 PYTEST_ARGS ?=
 RUN_ARGS ?=
@@ -30,7 +31,7 @@ typecheck: setup
 check-wheel: setup
 	scripts/check_wheel.sh
 
-ci: test check-wheel docs
+ci: test check-wheel docs typecheck
 
 bench: setup
 	.venv/bin/python -m benchmarks.bn

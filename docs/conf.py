@@ -8,15 +8,18 @@ Google-style docstrings (napoleon). The docstring examples are not run here: pyt
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import importlib
 import inspect
 import io
 import pathlib
 import re
 import sys
+import textwrap
 import tokenize
 
-from sphinx.ext.autodoc.preserve_defaults import update_defvalue
+from sphinx.ext.autodoc.preserve_defaults import DefaultValue, update_defvalue
 from sphinx.util import inspect as sphinx_inspect
 from sphinx.util import logging
 
@@ -48,7 +51,10 @@ myst_heading_anchors = 3
 # autodoc + napoleon
 napoleon_google_docstring = True
 napoleon_numpy_docstring = False
-napoleon_use_ivar = True  # linen.BatchNorm's "Attributes:" are its dataclass fields
+# A linen module's "Attributes:" are its dataclass fields, the constructor's arguments: listed
+# like "Args:" but under their own heading (napoleon's default for them is a "Variables" list
+# or one entry per attribute).
+napoleon_custom_sections = [("Attributes", "params_style")]
 napoleon_use_rtype = False
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"
@@ -87,6 +93,9 @@ PUBLIC_MODULES = ("jaxbn", "jaxbn.core", "jaxbn.linen", "jaxbn.nnx", "jaxbn.inte
 logger = logging.getLogger(__name__)
 
 
+_TYPE_IGNORE = re.compile(r"^#\s*type:\s*ignore\[[^]]*\]\s*")
+
+
 def _field_comments(cls: type) -> dict[str, str]:
     """``{field: comment}`` from the ``name: type  # comment`` lines of a NamedTuple's body."""
     try:
@@ -100,7 +109,8 @@ def _field_comments(cls: type) -> dict[str, str]:
         if tok.type == tokenize.OP and tok.string == ":" and prev.type == tokenize.NAME:
             line_names.setdefault(prev.start[0], prev.string)
         if tok.type == tokenize.COMMENT and tok.start[0] in line_names:
-            out[line_names[tok.start[0]]] = tok.string.lstrip("#").strip()
+            comment = _TYPE_IGNORE.sub("", tok.string)  # mypy's pragma is not the description
+            out[line_names[tok.start[0]]] = comment.lstrip("#").strip()
     return out
 
 
@@ -120,40 +130,6 @@ def _document_namedtuple_fields(app, what, name, obj, options, lines):
         comment = comments.get(field, "").replace("\\", "\\\\").replace("*", "\\*")
         lines.append(f"* ``{field}``{kind}: {comment}".rstrip(": "))
     lines.append("")
-
-
-_SECTIONS = {"Args:", "Arguments:", "Parameters:", "Attributes:"}
-
-
-def _join_wrapped_parameter_names(app, what, name, obj, options, lines):
-    """Joins a Google-style entry whose comma-separated names wrap onto the next line.
-
-    ``x, params, ..., axis_name,`` followed at the same indentation by ``mask, dtype: as in
-    ...`` is one entry for several parameters; napoleon expects the names on one line.
-    """
-    del app, what, name, obj, options
-    in_section, indent = False, None
-    i = 0
-    while i < len(lines):
-        line = lines[i]
-        stripped = line.strip()
-        if stripped in _SECTIONS:
-            in_section, indent = True, None
-        elif in_section and stripped:
-            here = len(line) - len(line.lstrip())
-            if indent is None:
-                indent = here
-            if here < indent:
-                in_section = False
-            elif (here == indent and ":" not in stripped and stripped.endswith(",")
-                  and i + 1 < len(lines)
-                  and len(lines[i + 1]) - len(lines[i + 1].lstrip()) == indent):
-                lines[i] = f"{line.rstrip()} {lines[i + 1].strip()}"
-                del lines[i + 1]
-                continue
-        elif in_section and not stripped:
-            in_section = False
-        i += 1
 
 
 _ALIAS_REPR = re.compile(r"TypeAliasForwardRef\('([^']*)'\)")
@@ -190,6 +166,66 @@ def _constructor_signature(app, what, name, obj, options, signature, return_anno
     return _ALIAS_REPR.sub(r"\1", text), return_annotation
 
 
+def _written_defaults(cls: type) -> dict[str, str]:
+    """``{field: default}`` as written in ``name: type = default`` lines of the class bodies.
+
+    The first class of the MRO that declares a field wins; ``field(...)`` calls are skipped.
+    """
+    out: dict[str, str] = {}
+    for klass in cls.__mro__:
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):
+            continue
+        for node in ast.parse(source).body[0].body:
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and node.value is not None and not isinstance(node.value, ast.Call)):
+                out.setdefault(node.target.id, ast.get_source_segment(source, node.value))
+    return out
+
+
+def _global_name(cls: type, value: object) -> str | None:
+    """The name of ``value`` among the globals of the modules of ``cls``'s MRO, if any."""
+    for klass in cls.__mro__:
+        for key, v in vars(sys.modules[klass.__module__]).items():
+            if v is value:
+                return key
+    return None
+
+
+def _dataclass_signature(app, what, name, obj, options, signature, return_annotation):
+    """Shows a dataclass's (a linen module's) field defaults as written, not their repr.
+
+    ``param_dtype=<class 'jax.numpy.float32'>`` is no Python: Sphinx would then fall back to
+    splitting the signature at every comma, ``tuple[int, ...]`` included.
+    """
+    del name, options
+    if what != "class" or not signature or not dataclasses.is_dataclass(obj):
+        return None
+    written = _written_defaults(obj)
+    sig = sphinx_inspect.signature(obj.__init__, bound_method=True,
+                                   type_aliases=app.config.autodoc_type_aliases)
+    params = []
+    for p in sig.parameters.values():
+        if p.default is not p.empty and not _is_python(repr(p.default)):
+            text = written.get(p.name) or _global_name(obj, p.default)
+            if text is not None:
+                p = p.replace(default=DefaultValue(text))
+        params.append(p)
+    text = sphinx_inspect.stringify_signature(
+        sig.replace(parameters=params), show_return_annotation=False,
+        unqualified_typehints=app.config.autodoc_typehints_format == "short")
+    return _ALIAS_REPR.sub(r"\1", text), return_annotation
+
+
+def _is_python(text: str) -> bool:
+    try:
+        ast.parse(text, mode="eval")
+    except SyntaxError:
+        return False
+    return True
+
+
 def _check_public_api_documented(app, env):
     """Warns (an error under ``-W``) for a public name without an API entry."""
     del app
@@ -207,9 +243,8 @@ def _check_public_api_documented(app, env):
 
 
 def setup(app):
-    # Before napoleon (priority 500) turns the Google sections into reST.
-    app.connect("autodoc-process-docstring", _join_wrapped_parameter_names, priority=400)
     app.connect("autodoc-process-docstring", _document_namedtuple_fields, priority=600)
     app.connect("autodoc-process-signature", _alias_names_in_signature)
     app.connect("autodoc-process-signature", _constructor_signature, priority=400)
+    app.connect("autodoc-process-signature", _dataclass_signature, priority=400)
     app.connect("env-check-consistency", _check_public_api_documented)

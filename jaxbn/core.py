@@ -18,7 +18,8 @@ Numerical decisions, in one place:
 * Performance (XLA:CPU): for inputs of 2 MiB and more (at float32) and for every
   half-precision input, each reduction reads the input straight from its buffer and,
   without a mask, no full-size temporary is materialized in the forward or the backward
-  pass (see :func:`_private`).
+  pass: an optimization barrier gives each reduction its own copy of its operands (the
+  private helper ``_private`` explains why).
 * Derivatives (:func:`batch_normalize`): a ``jax.custom_jvp`` whose tangent is linear in
   the input tangents and needs only ``x`` and per-feature vectors, and is recomputed from
   them (``jax.checkpoint``) when JAX transposes it for reverse mode. So forward mode
@@ -47,7 +48,7 @@ import functools
 import math
 import operator
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple, TypeAlias
+from typing import Any, NamedTuple, TypeAlias, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -65,6 +66,7 @@ Axis: TypeAlias = int | Sequence[int]
 AxisName: TypeAlias = Any  # a hashable axis name, or a tuple of them
 Groups: TypeAlias = Sequence[Sequence[int]]
 Shape: TypeAlias = tuple[int, ...]
+_R = TypeVar("_R")
 
 __all__ = [
     "BatchNormParams",
@@ -97,7 +99,8 @@ class BatchStats(NamedTuple):
 
     mean: Array  # feature_shape, float32 (complex64 once updated with complex inputs); 0
     var: Array  # feature_shape, float32; initialized to 1
-    count: Array  # (), int32; number of updates so far (PyTorch's num_batches_tracked)
+    # count shadows tuple.count (a method); the public name says what the field holds.
+    count: Array  # type: ignore[assignment]  # (), int32; updates so far (num_batches_tracked)
 
 
 class Moments(NamedTuple):
@@ -105,7 +108,8 @@ class Moments(NamedTuple):
 
     mean: Array  # feature_shape, float32 (complex64 for complex inputs)
     var: Array  # feature_shape, float32; biased (divided by count)
-    count: Array  # feature_shape, float32; number of valid elements per feature
+    # count shadows tuple.count (a method), as in BatchStats.
+    count: Array  # type: ignore[assignment]  # feature_shape, float32; valid elements per feature
 
 
 class Renorm(NamedTuple):
@@ -357,7 +361,7 @@ def _check_stats(stats: Any, name: str = "stats") -> None:
         )
 
 
-def _names(axis_name: AxisName) -> tuple:
+def _names(axis_name: AxisName) -> tuple[AxisName, ...]:
     return axis_name if isinstance(axis_name, tuple) else (axis_name,)
 
 
@@ -482,12 +486,13 @@ def validate(
     return Validated(x, feats, mask)
 
 
-def _stats_dtype(dtype: Any) -> Any:
+def _stats_dtype(dtype: DTypeLike) -> np.dtype[Any]:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _real_dtype(dtype: Any) -> Any:
-    return jnp.finfo(dtype).dtype
+def _real_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """The real dtype of a statistics dtype (float32 or wider, so one NumPy knows)."""
+    return np.finfo(dtype).dtype
 
 
 # ----------------------------------------------------------------------------------------
@@ -590,12 +595,13 @@ def _private(*arrays: Any, stream: bool = True) -> tuple[Any, ...]:
     if not leaves:
         return arrays
     leaves = lax.platform_dependent(*leaves, cpu=_barrier, default=lambda *a: a)
-    return jax.tree.unflatten(tree, leaves)
+    out: tuple[Any, ...] = jax.tree.unflatten(tree, leaves)
+    return out
 
 
 def _barrier(*arrays: Array) -> tuple[Array, ...]:
     # One barrier per set of shard_map varying axes, so that no array changes type.
-    groups: dict[frozenset, list[int]] = {}
+    groups: dict[frozenset[AxisName], list[int]] = {}
     for i, a in enumerate(arrays):
         groups.setdefault(_varying_axes(a), []).append(i)
     out: list[Any] = [None] * len(arrays)
@@ -606,7 +612,7 @@ def _barrier(*arrays: Array) -> tuple[Array, ...]:
     return tuple(out)
 
 
-def _varying_axes(a: Any) -> frozenset:
+def _varying_axes(a: Any) -> frozenset[AxisName]:
     """The shard_map axes along which ``a`` varies (empty outside shard_map)."""
     mat = getattr(jax.typeof(a), "mat", None)
     return frozenset(getattr(mat, "varying", ()))
@@ -786,8 +792,9 @@ def _explicit(x: Array, feats: tuple[int, ...]) -> _Explicit | None:
     return _Explicit(mesh, dims, sync) if sync else None
 
 
-def _on_explicit(plan: _Explicit, feats: tuple[int, ...], fn: Callable[..., Any], x: Array,
-                 mask: Array | None, per_feature: Any, x_out: bool) -> Any:
+def _on_explicit(plan: _Explicit, feats: tuple[int, ...],
+                 fn: Callable[[Array, Array | None, Any, tuple[str, ...]], _R], x: Array,
+                 mask: Array | None, per_feature: Any, x_out: bool) -> _R:
     """Runs ``fn(x, mask, per_feature, sync_axes)`` per device over ``plan``'s mesh axes.
 
     ``fn`` returns ``(full, features)``: an array shaped like ``x`` (when ``x_out``) or
@@ -811,8 +818,11 @@ def _on_explicit(plan: _Explicit, feats: tuple[int, ...], fn: Callable[..., Any]
                      for a, d in enumerate(plan.dims)))
         mask = place(mask, spec_m)
     out_specs = (spec_x if x_out else None, spec_f)
+    def per_device(x: Array, mask: Array | None, pf: Any) -> _R:
+        return fn(x, mask, pf, plan.sync)
+
     run = jax.shard_map(
-        lambda x, mask, pf: fn(x, mask, pf, plan.sync), mesh=plan.mesh,
+        per_device, mesh=plan.mesh,
         in_specs=(spec_x, spec_m, jax.tree.map(lambda _: spec_f, per_feature)),
         out_specs=out_specs, axis_names=names)
     return run(place(x, spec_x), mask, per_feature)
@@ -1181,7 +1191,8 @@ def batch_normalize(
                *_renorm_bounds(renorm.r_max, renorm.d_max))
     scale, bias = (None, None) if params is None else params
 
-    def run(x: Array, mask: Array | None, pf: Any, sync: tuple[str, ...]) -> Any:
+    def run(x: Array, mask: Array | None, pf: Any, sync: tuple[str, ...]
+            ) -> tuple[Array, Moments]:
         cfg = _TrainConfig(feats, _join(axis_name, groups, sync), groups, bool(fast_variance),
                            jnp.dtype(dtype or x.dtype))
         scale, bias, ref_stats = pf
@@ -1381,7 +1392,11 @@ def _live(t: Any) -> bool:
 
 
 @functools.partial(_train_normalize.defjvp, symbolic_zeros=True)
-def _train_normalize_jvp(cfg: _TrainConfig, primals: tuple, tangents: tuple) -> tuple:
+def _train_normalize_jvp(
+    cfg: _TrainConfig,
+    primals: tuple[Array, Array | None, Array | None, Hyper, _Ref | None, Array | None],
+    tangents: tuple[Any, ...],  # arrays, or SymbolicZero where an input has no tangent
+) -> tuple[tuple[Array, Moments], tuple[Array, Moments]]:
     x, scale, bias, eps, ref, mask = primals
     x_dot, scale_dot, bias_dot, eps_dot = tangents[:4]
     parts = _train_parts(cfg, x, scale, bias, eps, ref, mask)
@@ -1460,7 +1475,7 @@ def _train_tangent(cfg: _TrainConfig, x: Array, mean: Array, inv: Array, w: Arra
         k0 = c0 if k0 is None else c0 + k0
         k1 = c1 if k1 is None else c1 + k1
     k0, k1 = _vary_like((k0, k1), x)
-    terms = []
+    terms: list[Array] = []
     if t_all is not None:
         terms.append(t_all * _vary_like(w, x).reshape(bshape))
     if k1 is not None:
@@ -1475,4 +1490,4 @@ def _train_tangent(cfg: _TrainConfig, x: Array, mean: Array, inv: Array, w: Arra
         # would materialize). In forward mode the terms are then rounded to the output
         # dtype before they are summed (in float32).
         terms = [t.astype(sdt) for t in _private(*(t.astype(cfg.dtype) for t in terms))]
-    return functools.reduce(operator.add, terms).astype(cfg.dtype)
+    return sum(terms[1:], start=terms[0]).astype(cfg.dtype)

@@ -158,13 +158,13 @@ class BatchNorm(nnx.Module):
             self.count = nnx.BatchStat(stats.count)
 
         # Same order of rng draws as flax, so models initialize identically.
-        self.scale: nnx.Param | None
+        self.scale: nnx.Param[jax.Array] | None
         if use_scale:
             key = rngs.params()
             self.scale = nnx.Param(scale_init(key, feature_shape, param_dtype), **scale_metadata)
         else:
             self.scale = nnx.data(None)
-        self.bias: nnx.Param | None
+        self.bias: nnx.Param[jax.Array] | None
         if use_bias:
             key = rngs.params()
             self.bias = nnx.Param(bias_init(key, feature_shape, param_dtype), **bias_metadata)

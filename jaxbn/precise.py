@@ -32,7 +32,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias, TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +40,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from jax.tree_util import PyTreeDef
 
 from jaxbn.core import Array, AxisName, BatchStats, Moments
 
@@ -53,6 +54,9 @@ __all__ = [
 
 Batch = Any
 Batches = Iterable[Batch] | Array | np.ndarray | Mapping[str, Any]
+# A batch's tree structure, and the shape and dtype of each of its leaves.
+_Signature: TypeAlias = tuple[PyTreeDef, tuple[tuple[tuple[int, ...], np.dtype[Any]], ...]]
+_R = TypeVar("_R")
 
 
 class Population(NamedTuple):
@@ -63,7 +67,8 @@ class Population(NamedTuple):
     grow with the number of batches.
     """
 
-    count: Array  # (2, *feature_shape), float32: number of valid elements per feature
+    # count shadows tuple.count (a method), as in BatchStats.
+    count: Array  # type: ignore[assignment]  # (2, *feature_shape), float32: valid elements
     shift: Array  # feature_shape, float32: mean of the first batch with a valid element
     sum_dev: Array  # (2, *feature_shape), float32: sum of (x - shift)
     sum_dev_sq: Array  # (2, *feature_shape), float32: sum of (x - shift)^2
@@ -209,15 +214,15 @@ def finalize(
 # Merging over a named axis and over processes.
 
 
-def _names(axis_name: AxisName) -> tuple:
+def _names(axis_name: AxisName) -> tuple[AxisName, ...]:
     return tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
 
 
-def _varying(a: Array) -> frozenset:
+def _varying(a: Array) -> frozenset[AxisName]:
     return frozenset(getattr(getattr(jax.typeof(a), "mat", None), "varying", ()) or ())
 
 
-def _per_device(a: Array, axis_name: AxisName) -> tuple:
+def _per_device(a: Array, axis_name: AxisName) -> tuple[AxisName, ...]:
     """The names of ``axis_name`` over which ``a`` may hold different values per device.
 
     Inside ``shard_map`` (with its type checks on, the default) the array's type says
@@ -310,26 +315,30 @@ class _Collector:
         raise NotImplementedError
 
 
-def _pool(collect: _Collector, pops: list[Population], consts: Any, batch: Batch):
+def _pool(collect: _Collector, pops: list[Population], consts: Any, batch: Batch
+          ) -> tuple[list[Population], Any]:
     per_layer, aux = collect(consts, batch)
     pops = [functools.reduce(accumulate, ms, p) for p, ms in zip(pops, per_layer, strict=True)]
     return pops, aux
 
 
-def _on_mesh(f: Callable, mesh: Any, batch_spec: P) -> Callable:
+def _on_mesh(f: Callable[..., _R], mesh: Any, batch_spec: P) -> Callable[..., _R]:
     if mesh is None:
         return f
     return jax.shard_map(f, mesh=mesh, in_specs=(P(), P(), batch_spec), out_specs=P())
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _step(collect: _Collector, mesh: Any, axis_name: Any, pops, consts, batch):
+def _step(collect: _Collector, mesh: Any, axis_name: Any, pops: list[Population], consts: Any,
+          batch: Batch) -> tuple[list[Population], Any]:
     return _on_mesh(functools.partial(_pool, collect), mesh, P(axis_name))(pops, consts, batch)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _scan(collect: _Collector, mesh: Any, axis_name: Any, pops, consts, stacked):
-    def run(pops, consts, stacked):
+def _scan(collect: _Collector, mesh: Any, axis_name: Any, pops: list[Population], consts: Any,
+          stacked: Any) -> tuple[list[Population], Any]:
+    def run(pops: list[Population], consts: Any, stacked: Any
+            ) -> tuple[list[Population], Any]:
         pops, aux = lax.scan(lambda p, b: _pool(collect, p, consts, b), pops, stacked)
         return pops, jax.tree.map(lambda a: a[-1], aux)
 
@@ -340,12 +349,12 @@ def _is_stacked(batches: Any) -> bool:
     return isinstance(batches, jax.Array | np.ndarray | Mapping)
 
 
-def _signature(batch: Batch) -> tuple:
+def _signature(batch: Batch) -> _Signature:
     leaves, tree = jax.tree.flatten(batch)
     return tree, tuple((np.shape(a), jnp.result_type(a)) for a in leaves)
 
 
-def _describe(sig: tuple) -> str:
+def _describe(sig: _Signature) -> str:
     tree, leaves = sig
     shapes = ", ".join(f"{jnp.dtype(d).name}{list(s)}" for s, d in leaves)
     return f"{shapes} (structure {tree})"
@@ -357,7 +366,7 @@ def _put(tree: Any, mesh: Any, spec: P) -> Any:
         return tree
     sharding = NamedSharding(mesh, spec)
 
-    def put(a):
+    def put(a: Any) -> Any:
         if isinstance(a, jax.Array) and (jax.process_count() == 1 or not a.is_fully_addressable):
             return jax.device_put(a, sharding)
         return jax.make_array_from_process_local_data(sharding, np.asarray(a))
@@ -448,7 +457,7 @@ class _Functional(_Collector):
     treedef: Any
     axis_name: Any
 
-    def __call__(self, consts, batch):
+    def __call__(self, consts: Any, batch: Batch) -> tuple[list[tuple[Moments, ...]], None]:
         del consts
         out = self.moments_fn(batch)
         try:
@@ -459,7 +468,7 @@ class _Functional(_Collector):
                 f"of Moments, one per call of the layer) where stats has BatchStats; "
                 f"expected structure {self.treedef}, got {jax.tree.structure(out)}."
             ) from e
-        result = []
+        result: list[tuple[Moments, ...]] = []
         for i, m in enumerate(per_layer):
             ms = (m,) if isinstance(m, Moments) else () if m is None else tuple(m)
             if not all(isinstance(x, Moments) for x in ms):

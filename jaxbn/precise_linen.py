@@ -16,8 +16,9 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
 from flax.core import FrozenDict, freeze, unfreeze
+from flax.linen.module import InterceptorContext
+from flax.nnx import traversals  # traverse_util's flatten_dict and unflatten_dict, annotated
 
 from jaxbn import core, precise
 from jaxbn.linen import BatchNorm
@@ -30,7 +31,8 @@ LAYERS = (nn.BatchNorm, BatchNorm)
 COLLECTION = "precise_batch_stats"
 
 
-def _layer_moments(module: nn.Module, args: tuple, kwargs: dict, orig: Callable,
+def _layer_moments(module: nn.BatchNorm | BatchNorm, args: tuple[Any, ...],
+                   kwargs: dict[str, Any], orig: Callable[..., Any],
                    axis_name: Any) -> core.Moments | None:
     """The batch moments a BatchNorm call normalizes with; None if it uses running ones."""
     sig = inspect.signature(orig)
@@ -56,8 +58,10 @@ class _Linen(precise._Collector):
     paths: tuple[tuple[str, ...], ...]
     axis_name: Any
 
-    def __call__(self, variables, batch):
-        def intercept(next_fun, args, kwargs, context):
+    def __call__(self, variables: Mapping[str, Any], batch: precise.Batch
+                 ) -> tuple[list[tuple[core.Moments, ...]], list[Any]]:
+        def intercept(next_fun: Callable[..., Any], args: tuple[Any, ...],
+                      kwargs: dict[str, Any], context: InterceptorContext) -> Any:
             module = context.module
             if (context.method_name == "__call__" and isinstance(module, LAYERS)
                     and not module.is_initializing()):
@@ -73,7 +77,7 @@ class _Linen(precise._Collector):
         with nn.intercept_methods(intercept):
             out = self.apply_fn(variables, batch, mutable=True)
         state = out[1] if isinstance(out, tuple) and len(out) == 2 else {}
-        sown = traverse_util.flatten_dict(unfreeze(state.get(COLLECTION, {})))
+        sown = traversals.flatten_mapping(unfreeze(state.get(COLLECTION, {})))
         if not sown:
             raise ValueError(
                 "no BatchNorm layer (flax.linen.BatchNorm, jaxbn.linen.BatchNorm or a "
@@ -102,7 +106,7 @@ def precise_batch_stats(
     variables: Mapping[str, Any],
     batches: precise.Batches,
     *,
-    axis_name: precise.AxisName | None = None,
+    axis_name: core.AxisName | None = None,
     mesh: jax.sharding.Mesh | None = None,
     sync_processes: bool | None = None,
 ) -> Any:
@@ -168,7 +172,7 @@ def precise_batch_stats(
     >>> logits = model.apply(variables, data[0], train=False)
     """
     batch_stats = variables.get("batch_stats") if isinstance(variables, Mapping) else None
-    flat = traverse_util.flatten_dict(unfreeze(batch_stats)) if batch_stats else {}
+    flat = traversals.flatten_mapping(unfreeze(batch_stats)) if batch_stats else {}
     paths = tuple(sorted(k[:-1] for k in flat if k[-1] == "mean" and k[:-1] + ("var",) in flat))
     if not paths:
         raise ValueError(
@@ -195,5 +199,5 @@ def precise_batch_stats(
         new[path + ("var",)] = stats.var
         if path + ("count",) in flat:
             new[path + ("count",)] = stats.count
-    out = traverse_util.unflatten_dict(new)
+    out = traversals.unflatten_mapping(new)
     return freeze(out) if isinstance(batch_stats, FrozenDict) else out

@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -23,12 +23,15 @@ __all__ = ["precise_batch_stats"]
 
 #: BatchNorm classes whose calls are recorded.
 LAYERS = (nnx.BatchNorm, BatchNorm)
+_Layer: TypeAlias = nnx.BatchNorm | BatchNorm
 
 # The recording in progress in this thread: {id(layer): [Moments, ...]} and the axis name.
 _ACTIVE = threading.local()
 
 
-def _record(base: type, layer: Any, x: Any, use_running_average: bool | None, mask: Any):
+def _record(base: type, layer: _Layer, x: jax.typing.ArrayLike, use_running_average: bool | None,
+            mask: jax.typing.ArrayLike | None) -> Any:
+    """Records the moments ``layer`` normalizes ``x`` with, then calls ``base``'s ``__call__``."""
     records, axis_name = _ACTIVE.value
     if use_running_average:  # frozen by the forward pass itself: left alone
         return base.__call__(layer, x, True, mask=mask)
@@ -49,7 +52,8 @@ def _record(base: type, layer: Any, x: Any, use_running_average: bool | None, ma
 def _recording(base: type) -> type:
     """A subclass of ``base`` whose call records the batch moments, then runs ``base``."""
 
-    def __call__(self, x, use_running_average=None, *, mask=None):
+    def __call__(self: _Layer, x: jax.typing.ArrayLike, use_running_average: bool | None = None,
+                 *, mask: jax.typing.ArrayLike | None = None) -> Any:
         return _record(base, self, x, use_running_average, mask)
 
     return type(f"Recording{base.__name__}", (base,), {"__call__": __call__})
@@ -66,7 +70,8 @@ class _Nnx(precise._Collector):
     paths: tuple[tuple[Any, ...], ...]
     axis_name: Any
 
-    def __call__(self, state, batch):
+    def __call__(self, state: nnx.State[Any, Any], batch: precise.Batch
+                 ) -> tuple[list[tuple[core.Moments, ...]], None]:
         # A private copy with Variables of this trace (the state may be closed over from an
         # enclosing one, under lax.scan).
         model = nnx.merge(self.graphdef, state, copy=True)
@@ -74,7 +79,7 @@ class _Nnx(precise._Collector):
         layers = [modules[p] for p in self.paths]
         for layer in layers:
             object.__setattr__(layer, "__class__", _recording(type(layer)))
-        records: dict[int, list] = {id(layer): [] for layer in layers}
+        records: dict[int, list[core.Moments]] = {id(layer): [] for layer in layers}
         previous = getattr(_ACTIVE, "value", None)
         _ACTIVE.value = (records, self.axis_name)
         try:
@@ -96,7 +101,7 @@ def precise_batch_stats(
     batches: precise.Batches,
     *,
     forward: Callable[[Any, Any], Any] | None = None,
-    axis_name: precise.AxisName | None = None,
+    axis_name: core.AxisName | None = None,
     mesh: jax.sharding.Mesh | None = None,
     sync_processes: bool | None = None,
 ) -> None:
@@ -168,6 +173,7 @@ def precise_batch_stats(
     unbiased = [getattr(layer, "unbiased_running_var", False) for _, layer in layers]
     new = precise._finalize_all(pops, templates, unbiased, mesh)
     for (_, layer), stats in zip(layers, new, strict=True):
+        assert stats is not None  # None only where unbiased is None, which no layer gives
         layer.mean[...] = stats.mean
         layer.var[...] = stats.var
         if hasattr(layer, "count"):
