@@ -19,7 +19,9 @@ Numerical decisions, in one place:
   half-precision input, each reduction reads the input straight from its buffer and,
   without a mask, no full-size temporary is materialized in the forward or the backward
   pass: an optimization barrier gives each reduction its own copy of its operands (the
-  private helper ``_private`` explains why).
+  private helper ``_private`` explains why). Half-precision channels-last inputs whose
+  feature count is not a multiple of 16 are processed as a wider view that lays several
+  rows side by side (``_widen``); float32 keeps its layout and its summation order.
 * Derivatives (:func:`batch_normalize`): a ``jax.custom_jvp`` whose tangent is linear in
   the input tangents and needs only ``x`` and per-feature vectors, and is recomputed from
   them (``jax.checkpoint``) when JAX transposes it for reverse mode. So forward mode
@@ -648,7 +650,60 @@ def _sync_sum(v: Any, axis_name: AxisName, groups: Any) -> Any:
                         lax.all_gather(v, axis_name, axis_index_groups=groups))
 
 
-def _shift(x: Array, red: tuple[int, ...], sdt: Any) -> Array:
+# The feature count per row of an input's widened view is made a multiple of this (see
+# _widen): the number of float32 lanes in a 512-bit vector register.
+_LANES = 16
+
+
+def _widen(x: Array, feats: tuple[int, ...], mask: Array | None) -> int:
+    """How many rows of channels-last ``x`` to lay side by side: the fold of its view.
+
+    XLA:CPU runs each reduction and elementwise pass as loops over the array's dimensions,
+    the innermost over the features; with a few features per row (20 or 50, as in a small
+    CNN) that loop is short, and half-precision inputs pay for it most: every element is
+    converted to float32 and back. Viewing ``(N, *S, C)`` as ``(N, prod(S) / k, k * C)`` (a
+    free reshape that leaves the batch axis, the one that may be sharded, alone) makes the
+    passes over ``k`` rows at once; per-feature vectors are tiled ``k`` times to meet the
+    view, and its per-column sums folded back. That measured up to a fifth faster for
+    bfloat16 with 20 features. Float32 inputs keep their own layout, so that their sums
+    are added in the same order as plain reductions' and their results stay those of
+    flax's layer to the last bits (the view would speed them up too, by about as much).
+
+    Returns the smallest ``k`` that divides ``prod(S)`` and makes ``k * C`` a multiple of
+    :data:`_LANES`, or 1 (no view): for float32 or wider, features that already fill whole
+    vectors, other layouts, masks, and inputs with nothing to reduce.
+    """
+    if (x.dtype.itemsize >= 4 or mask is not None or feats != (x.ndim - 1,) or x.ndim < 3
+            or x.size == 0):
+        return 1
+    c = x.shape[-1]
+    if c % _LANES == 0:
+        return 1
+    rows = math.prod(x.shape[1:-1])
+    for k in range(2, rows + 1):
+        if rows % k == 0 and (k * c) % _LANES == 0:
+            return k
+    return 1
+
+
+def _wide_view(x: Array, fold: int) -> Array:
+    """``x`` as ``(N, prod(S) / fold, fold * C)``; itself when ``fold`` is 1."""
+    if fold == 1:
+        return x
+    return x.reshape(x.shape[0], -1, fold * x.shape[-1])
+
+
+def _fold(v: Array, fold: int) -> Array:
+    """Per-column sums of a widened view, ``(fold * C,)``, as per-feature sums ``(C,)``."""
+    return v if fold == 1 else v.reshape(fold, -1).sum(0)
+
+
+def _tile(v: Array, fold: int) -> Array:
+    """A per-feature vector ``(C,)`` repeated for each of the view's ``fold`` rows."""
+    return v if fold == 1 else jnp.tile(v, fold)
+
+
+def _shift(x: Array, red: tuple[int, ...], sdt: Any, fold: int = 1) -> Array:
     """A per-feature value close to the mean: the mean of a small leading slice of ``x``.
 
     Takes the first ``k`` indices along the first reduction axis, ``k`` the fewest that
@@ -661,16 +716,22 @@ def _shift(x: Array, red: tuple[int, ...], sdt: Any) -> Array:
     samples = max(_SHIFT_SAMPLES, -(-n // _SHIFT_FRACTION))
     k = min(x.shape[red[0]], max(1, -(-samples // max(rest, 1))))
     head = lax.slice_in_dim(x, 0, k, axis=red[0])
-    return jnp.mean(head.astype(sdt), axis=red)
+    return _fold(jnp.mean(head.astype(sdt), axis=red), fold) / fold
 
 
 def _local_sums(
-    x: Array, red: tuple[int, ...], mask: Array | None, fast_variance: bool
+    x: Array, red: tuple[int, ...], mask: Array | None, fast_variance: bool, fold: int = 1
 ) -> tuple[Array, Array, Array]:
-    """Per-device ``(count, a, b)``: ``(n, sum x, sum |x|^2)`` if fast else ``(n, mean, M2)``."""
+    """Per-device ``(count, a, b)``: ``(n, sum x, sum |x|^2)`` if fast else ``(n, mean, M2)``.
+
+    ``fold > 1``: ``x`` is a widened view (see :func:`_widen`; no mask), whose last axis
+    holds ``fold`` rows of features side by side.
+    """
     sdt = _stats_dtype(x.dtype)
     rdt = _real_dtype(sdt)
     fshape = tuple(s for a, s in enumerate(x.shape) if a not in red)
+    if fold > 1:
+        fshape = (fshape[-1] // fold,)
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape) if not red else mask
     if not red or math.prod(x.shape[a] for a in red) == 0:
@@ -686,19 +747,21 @@ def _local_sums(
             return n, xs, _abs2(xs)
         return n, xs, jnp.zeros(fshape, rdt)
     if mask is None:
-        n = jnp.full(fshape, math.prod(x.shape[a] for a in red), rdt)
+        n = jnp.full(fshape, math.prod(x.shape[a] for a in red) * fold, rdt)
         if fast_variance:
             xa, xb = _private(x, x, stream=_streams(x))
-            return (n, jnp.sum(xa.astype(sdt), axis=red),
-                    jnp.sum(_abs2(xb.astype(sdt)), axis=red))
+            return (n, _fold(jnp.sum(xa.astype(sdt), axis=red), fold),
+                    _fold(jnp.sum(_abs2(xb.astype(sdt)), axis=red), fold))
         # Corrected two-pass variance around a shift taken from a slice of x (Chan, Golub &
         # LeVeque 1983): sums of the deviations from the shift and of their squares, then
         # mean = shift + sd / n and M2 = sdd - |sd|^2 / n, with no large terms cancelling
         # when |mean| >> std. The two sums read x once each and share no temporary.
-        shift = lax.stop_gradient(_shift(x, red, sdt))
+        shift = lax.stop_gradient(_shift(x, red, sdt, fold))
         xa, sa, xb, sb = _private(x, shift, x, shift, stream=_streams(x))
-        sd = jnp.sum(xa.astype(sdt) - jnp.expand_dims(sa, red), axis=red)
-        sdd = jnp.sum(_abs2(xb.astype(sdt) - jnp.expand_dims(sb, red)), axis=red)
+        sd = _fold(jnp.sum(xa.astype(sdt) - jnp.expand_dims(_tile(sa, fold), red), axis=red),
+                   fold)
+        sdd = _fold(jnp.sum(_abs2(xb.astype(sdt) - jnp.expand_dims(_tile(sb, fold), red)),
+                            axis=red), fold)
         mean = shift + sd / n
         m2 = jnp.maximum(sdd - _abs2(sd) / n, 0)
         return n, mean, m2
@@ -734,10 +797,13 @@ def _local_sums(
 
 def _moments(
     x: Array, feats: tuple[int, ...], mask: Array | None, axis_name: AxisName | None,
-    groups: Any, fast_variance: bool,
+    groups: Any, fast_variance: bool, fold: int = 1,
 ) -> Moments:
-    """:func:`moments` on checked arguments, under any transformation that binds the axis."""
-    n, a, b = _local_sums(x, _reduction_axes(x.ndim, feats), mask, fast_variance)
+    """:func:`moments` on checked arguments, under any transformation that binds the axis.
+
+    ``fold > 1``: ``x`` is a widened view (:func:`_widen`); the moments are per feature.
+    """
+    n, a, b = _local_sums(x, _reduction_axes(x.ndim, feats), mask, fast_variance, fold)
     if fast_variance:
         if axis_name is not None:
             n, a, b = _sync_sum((n, a, b), axis_name, groups)
@@ -1193,11 +1259,15 @@ def batch_normalize(
 
     def run(x: Array, mask: Array | None, pf: Any, sync: tuple[str, ...]
             ) -> tuple[Array, Moments]:
-        cfg = _TrainConfig(feats, _join(axis_name, groups, sync), groups, bool(fast_variance),
-                           jnp.dtype(dtype or x.dtype))
+        fold = _widen(x, feats, mask)
+        xv = _wide_view(x, fold)
+        cfg = _TrainConfig((xv.ndim - 1,) if fold > 1 else feats,
+                           _join(axis_name, groups, sync), groups, bool(fast_variance),
+                           jnp.dtype(dtype or x.dtype), fold)
         scale, bias, ref_stats = pf
         ref_all = None if ref is None else (*ref_stats, *ref[2:])
-        return _train_normalize(cfg, x, scale, bias, eps, ref_all, mask)
+        y, m = _train_normalize(cfg, xv, scale, bias, eps, ref_all, mask)
+        return y.reshape(x.shape), m
 
     plan = _explicit(x, feats)
     per_feature = (scale, bias, None if ref is None else ref[:2])
@@ -1333,6 +1403,7 @@ class _TrainConfig(NamedTuple):
     groups: tuple[tuple[int, ...], ...] | None
     fast_variance: bool
     dtype: Any  # of the output
+    fold: int  # > 1: x is a widened view of fold rows (see _widen); feats is its last axis
 
 
 # Batch Renormalization's reference: running mean and variance, r_max and d_max.
@@ -1354,7 +1425,7 @@ def _train_parts(cfg: _TrainConfig, x: Array, scale: Array | None, bias: Array |
                  eps: Hyper, ref: _Ref | None, mask: Array | None) -> _Parts:
     # No stop_gradient on the moments here: differentiating the tangent rule itself (a
     # Hessian) must see how they depend on x. Their own tangent is zero (the rule's).
-    m = _moments(x, cfg.feats, mask, cfg.axis_name, cfg.groups, cfg.fast_variance)
+    m = _moments(x, cfg.feats, mask, cfg.axis_name, cfg.groups, cfg.fast_variance, cfg.fold)
     valid = m.count > 0
     inv = jnp.where(valid, lax.rsqrt(m.var + eps), 0)
     mul, add, r, d = scale, bias, None, None
@@ -1367,14 +1438,18 @@ def _train_parts(cfg: _TrainConfig, x: Array, scale: Array | None, bias: Array |
         mul = r if scale is None else scale * r
         shift = d if scale is None else scale * d
         add = shift if bias is None else bias + shift
-    bshape = _bshape(x.ndim, cfg.feats, m.mean.shape)
+    bshape = _bshape(x.ndim, cfg.feats, tuple(x.shape[a] for a in cfg.feats))
     w = inv if mul is None else inv * mul
     # The output's operands are private too, so that a reduction consuming y (a loss, the
     # next layer's statistics) can absorb its computation.
     xy, mean_y, w_y, add_y = _private(x, m.mean, w, add, stream=_streams(x))
-    y = (xy - mean_y.reshape(bshape)) * w_y.reshape(bshape)
+
+    def bc(v: Array) -> Array:
+        return _tile(v, cfg.fold).reshape(bshape)
+
+    y = (xy - bc(mean_y)) * bc(w_y)
     if add_y is not None:
-        y = y + add_y.reshape(bshape)
+        y = y + bc(add_y)
     return _Parts(y.astype(cfg.dtype), m, inv, mul, r, d)
 
 
@@ -1446,8 +1521,15 @@ def _train_tangent(cfg: _TrainConfig, x: Array, mean: Array, inv: Array, w: Arra
     gradient), then one elementwise pass.
     """
     red = _reduction_axes(x.ndim, cfg.feats)
-    bshape = _bshape(x.ndim, cfg.feats, mean.shape)
+    bshape = _bshape(x.ndim, cfg.feats, tuple(x.shape[a] for a in cfg.feats))
     sdt = mean.dtype
+
+    def bc(v: Array) -> Array:
+        return _tile(v, cfg.fold).reshape(bshape)
+
+    def fsum(v: Array) -> Array:
+        return _fold(jnp.sum(v, axis=red), cfg.fold)
+
     stream = _streams(x)
     # Barriers only on x and the statistics (see _private), never on tangents: a barrier's
     # transpose is a barrier, which would make the backward pass materialize each term.
@@ -1461,13 +1543,13 @@ def _train_tangent(cfg: _TrainConfig, x: Array, mean: Array, inv: Array, w: Arra
         t = t_all
         # Centred, not standardized: inv multiplies the per-feature sums instead, so that
         # each full-size pass (here and transposed) reads x and one per-feature vector.
-        dev_b = xb.astype(sdt) - mb.reshape(bshape)
+        dev_b = xb.astype(sdt) - bc(mb)
         prod = jnp.conj(dev_b) * t if jnp.iscomplexobj(dev_b) else dev_b * t
         prod = prod.real if jnp.iscomplexobj(prod) else prod
         if mask is not None:
             t = jnp.where(mask, t, jnp.zeros((), t.dtype))
             prod = jnp.where(mask, prod, jnp.zeros((), prod.dtype))
-        sums = (jnp.sum(t, axis=red), jnp.sum(prod, axis=red))
+        sums = (fsum(t), fsum(prod))
         if cfg.axis_name is not None:
             sums = _sync_sum(sums, cfg.axis_name, cfg.groups)
         c0 = -wn[0] * sums[0]
@@ -1477,11 +1559,11 @@ def _train_tangent(cfg: _TrainConfig, x: Array, mean: Array, inv: Array, w: Arra
     k0, k1 = _vary_like((k0, k1), x)
     terms: list[Array] = []
     if t_all is not None:
-        terms.append(t_all * _vary_like(w, x).reshape(bshape))
+        terms.append(t_all * bc(_vary_like(w, x)))
     if k1 is not None:
-        terms.append((xc.astype(sdt) - mc.reshape(bshape)) * (inv * k1).reshape(bshape))
+        terms.append((xc.astype(sdt) - bc(mc)) * bc(inv * k1))
     if k0 is not None:
-        terms.append(jnp.broadcast_to(k0.reshape(bshape), x.shape))
+        terms.append(jnp.broadcast_to(bc(k0), x.shape))
     if len(terms) > 1 and _private_terms(x):
         # Transposed, each term's cotangent is the output cotangent g: the term of k0 sums
         # it, that of k1 sums it times xhat, that of x_dot scales it into dx. Barriers on

@@ -219,6 +219,43 @@ def test_low_precision_running_mean_converges(dtype):
     np.testing.assert_allclose(stats.mean, target, rtol=5e-3, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("shape", [(8, 6, 6, 20), (4, 4, 4, 50)])
+def test_few_channels_last_features_match_reference(dtype, shape):
+    """20 or 50 channels-last features (bfloat16: a widened view inside): float64 reference.
+
+    Statistics and parameter gradients are float32 sums whatever the input dtype, so they
+    match the float64 reference of the (rounded) input to 1e-5; y and dx are rounded to the
+    input dtype once (bfloat16: 8 significant bits, so 2**-7 relative to values of O(1)).
+    """
+    # bfloat16 takes the widened view (the path under test); float32 is the control.
+    assert (jaxbn.core._widen(jnp.zeros(shape, dtype), (3,), None) > 1) == (dtype != jnp.float32)
+    r = _rng(5)
+    x = jnp.asarray(r.normal(2.0, 3.0, shape), dtype)
+    g = jnp.asarray(r.normal(size=shape), dtype)
+    c = shape[-1]
+    params = _params(c)
+    stats = jaxbn.BatchStats(jnp.zeros(c), jnp.ones(c), jnp.array(0))
+
+    def fn(x, p):
+        return jaxbn.batch_norm(x, p, stats, training=True, momentum=0.0)
+
+    (y, new), vjp = jax.vjp(fn, x, params)
+    dx, dp = vjp((g, jax.tree.map(jnp.zeros_like, new)._replace(
+        count=np.zeros((), jax.dtypes.float0))))
+    xd, gd = (np.asarray(a.astype(jnp.float32), np.float64) for a in (x, g))
+    y_ref, (mean, var, _) = ref.train_forward(xd, params.scale, params.bias)
+    rdx, rds, rdb = ref.train_backward(xd, params.scale, gd)
+    assert y.dtype == dx.dtype == dtype and new.mean.dtype == new.var.dtype == jnp.float32
+    np.testing.assert_allclose(new.mean, mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(new.var, var, rtol=1e-5)
+    np.testing.assert_allclose(dp.scale, rds, rtol=1e-4, atol=1e-4)  # cancelling sums
+    np.testing.assert_allclose(dp.bias, rdb, rtol=1e-5, atol=1e-5)
+    tol = RTOL if dtype == jnp.float32 else 2.0**-7
+    np.testing.assert_allclose(np.asarray(y, np.float64), y_ref, rtol=tol, atol=tol)
+    np.testing.assert_allclose(np.asarray(dx, np.float64), rdx, rtol=tol, atol=tol)
+
+
 # ----------------------------------------------------------------------------------------
 # Gradients.
 
