@@ -32,7 +32,10 @@ and dtype the benchmark
   ``time ratio`` = jaxbn's time / the peer's, the median over rounds (and over processes with
   ``--processes``); ``images/s`` from the median step times; minor page faults per step.
 
-Thread settings, the load guard and the machine's name come from :mod:`benchmarks.harness`;
+The process first applies the training program's allocator settings
+(:func:`train.runtime.tune_allocator`; ``--malloc default`` leaves glibc's): without them
+every step page-faults its ~90k pages of temporaries in again. Thread settings, the load
+guard and the machine's name come from :mod:`benchmarks.harness`;
 a result measured while another process competed for the CPU is marked ``reliable: false``.
 Results are printed as a table and written as JSON (``benchmarks/results/resnet.json`` or
 ``--json PATH``).
@@ -454,6 +457,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--processes", type=int, default=1,
                     help="repeat in this many fresh processes and merge (median of medians)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for both sides")
+    ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                    help="tuned: the training program's allocator settings (train.runtime)")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help="output JSON path")
     args = ap.parse_args(argv)
@@ -478,6 +483,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         _write(data, args.json)
         return data
 
+    from train import runtime
+
+    malloc = runtime.tune_allocator() if args.malloc == "tuned" else {}
     threads = harness.configure_threads(args.threads)
     import jax
 
@@ -486,7 +494,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.sample_ms = 1.0 if platform == "cpu" else 50.0
     torch_mod, torch_dev = (None, None) if args.no_torch else _torch_for(platform)
     meta: dict[str, Any] = {"machine": harness.machine_info(),
-                            "threads": harness.thread_settings(threads),
+                            "threads": harness.thread_settings(threads), "malloc": malloc,
                             "args": {k: (str(v) if isinstance(v, Path) else v)
                                      for k, v in vars(args).items()}}
     if torch_mod is not None:
@@ -498,7 +506,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     meta["flax"] = flax.__version__
     print(f"# {harness.machine_name(meta['machine'])}; jax {jax.__version__}, flax "
-          f"{flax.__version__}, torch {meta.get('torch')} ({torch_dev}); {threads} threads",
+          f"{flax.__version__}, torch {meta.get('torch')} ({torch_dev}); {threads} threads; "
+          f"malloc {malloc or 'default'}",
           flush=True)
     guard = harness.LoadGuard()
     meta["probe"] = guard.probe()
