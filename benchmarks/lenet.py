@@ -30,7 +30,8 @@ before and during every round; when it exceeds 0.15 cores the result is marked
 ``reliable: false`` and a warning names the competitors.
 
 Results are printed as a table (and as the README's Markdown table) and written as JSON
-(``benchmarks/results/lenet.json`` or ``--json PATH``).
+(``benchmarks/results/lenet.json`` or ``--json PATH``); ``--show A.json B.json`` prints the
+tables of saved results, e.g. of one run per batch size.
 """
 
 from __future__ import annotations
@@ -339,6 +340,17 @@ def _write(data: dict[str, Any], path: Path) -> None:
                                        or "-"), flush=True)
 
 
+def show(paths: Sequence[Path]) -> dict[str, Any]:
+    """Prints the tables of saved results (several files, e.g. one per batch size, in turn)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    meta = {**runs[0]["meta"], "reliable": all(r["meta"]["reliable"] for r in runs),
+            "guards": [g for r in runs
+                       for g in r["meta"].get("guards", [r["meta"].get("guard", {})])]}
+    data = {"meta": meta, "results": [rec for r in runs for rec in r["results"]]}
+    print_table(data)
+    return data
+
+
 def _parse_list(text: str, allowed: Sequence[str], flag: str) -> list[str]:
     items = [t for t in text.split(",") if t]
     for t in items:
@@ -368,7 +380,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     help="tuned: the training program's allocator settings (train.runtime)")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help="output JSON path")
+    ap.add_argument("--show", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="measure nothing: print the tables of these saved results")
     args = ap.parse_args(argv)
+    if args.show:
+        return show(args.show)
     batches = [int(b) for b in args.batch_sizes.split(",") if b]
     args.peers = _parse_list(args.peers, TORCH_PEERS, "--peers")
     args.convs = _parse_list(args.convs, ("fast", "flax"), "--convs")

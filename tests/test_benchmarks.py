@@ -108,6 +108,10 @@ def test_resnet_quick_end_to_end(tmp_path):
     if importlib.util.find_spec("torch") is not None:
         assert {"torch_cl", "torch_nchw"} <= set(rec["ms"])
     assert "resnet18" in proc.stdout and "temp" in proc.stdout
+    # --show prints the same tables again from the saved JSON (twice over: two runs' rows).
+    shown = resnet.show([out, out])
+    assert len(shown["results"]) == 2
+    assert resnet.markdown(shown).count("| resnet18 | float32 | 8 |") == 2
     # The GPU summary reads the same JSON.
     buf = io.StringIO()
     gpu.print_summary({"meta": {"machine": data["meta"]["machine"], "total_s": 1.0},
@@ -145,6 +149,9 @@ def test_lenet_end_to_end_in_two_processes(tmp_path):
                            "lenet": {"data": data}}, out=buf)
         assert "lenet ours" in buf.getvalue()
     assert "speed_vs_fastest_peer" in proc.stdout
+    shown = lenet.show([out, out])
+    assert [r["batch"] for r in shown["results"]] == [16, 16]
+    assert len(shown["meta"]["guards"]) == 4
 
 
 def test_lenet_speed_is_the_peers_time_over_ours():
