@@ -7,9 +7,11 @@ machine's drift. This module gives the benchmarks one way to do each:
 * :func:`configure_threads` pins the process to ``n`` CPUs **before** JAX and PyTorch start
   their thread pools: XLA:CPU sizes its intra-op pool by the CPUs the process may run on
   (``sched_getaffinity``), PyTorch by ``torch.set_num_threads``/``OMP_NUM_THREADS``, so the
-  same affinity mask and the same count pin both. PyTorch's OpenMP threads are made passive
-  (``OMP_WAIT_POLICY=PASSIVE``) so that they do not spin on the cores after each call while
-  the other side runs.
+  same affinity mask and the same count pin both. OpenMP's wait policy is left at its default
+  (PyTorch's threads spin briefly after each parallel region, then sleep): made passive, they
+  fall asleep between operators and PyTorch's LeNet step takes 1.5x as long, which would be
+  no fair anchor. The spinning is kept from one side's sample into the other's by
+  :func:`interleaved`'s ``settle_s``.
 * :class:`LoadGuard` measures the CPU time that *other* processes take (per process, from
   ``/proc/<pid>/stat``; the system total from ``/proc/stat``) over a quiet probe before timing
   and over each timed window, with ``/proc/loadavg``. A window in which other processes took
@@ -69,7 +71,7 @@ def usable_cpus() -> list[int]:
     return list(range(os.cpu_count() or 1))
 
 
-def configure_threads(threads: int | None = None) -> int:
+def configure_threads(threads: int | None = None, *, wait_policy: str | None = None) -> int:
     """Pins this process to ``threads`` CPUs and sets PyTorch's thread environment to match.
 
     Call before JAX's CPU backend is initialised (the first array op) and before ``torch`` is
@@ -78,6 +80,9 @@ def configure_threads(threads: int | None = None) -> int:
 
     Args:
         threads: number of CPUs to use; ``None`` uses all usable ones.
+        wait_policy: ``OMP_WAIT_POLICY`` for PyTorch's OpenMP threads (``'PASSIVE'``,
+            ``'ACTIVE'``), or ``None`` for OpenMP's default (spin briefly, then sleep),
+            PyTorch's fastest setting on CPU.
 
     Returns:
         The number of threads both sides will use.
@@ -93,7 +98,8 @@ def configure_threads(threads: int | None = None) -> int:
         os.sched_setaffinity(0, cpus[:n])
     os.environ.setdefault("OMP_NUM_THREADS", str(n))
     os.environ.setdefault("MKL_NUM_THREADS", str(n))
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if wait_policy is not None:
+        os.environ.setdefault("OMP_WAIT_POLICY", wait_policy)
     return n
 
 
@@ -355,7 +361,7 @@ class Interleaved:
 
 def interleaved(calls: dict[str, Callable[[], Any]], base: str, *, rounds: int, warmup: int = 2,
                 sample_s: float = 0.02, max_inner: int = 50, guard: LoadGuard | None = None,
-                label: str = "", seed: int = 0) -> Interleaved:
+                label: str = "", seed: int = 0, settle_s: float = 0.0) -> Interleaved:
     """Times ``calls`` in interleaved rounds against ``base``.
 
     Each round runs the peers in a fresh random order with a ``base`` sample before the first,
@@ -375,6 +381,9 @@ def interleaved(calls: dict[str, Callable[[], Any]], base: str, *, rounds: int, 
         guard: if given, each round is a :meth:`LoadGuard.window`.
         label: prefix of the guard windows' labels.
         seed: seed of the peers' order.
+        settle_s: seconds to sleep (untimed) before each sample, so that threads still
+            spinning after one callable's sample (OpenMP's, XLA's) have gone to sleep before
+            the next callable's sample starts.
 
     Returns:
         An :class:`Interleaved`.
@@ -398,6 +407,8 @@ def interleaved(calls: dict[str, Callable[[], Any]], base: str, *, rounds: int, 
     rng = random.Random(seed)
 
     def record(name: str) -> float:
+        if settle_s > 0:
+            time.sleep(settle_s)
         t, f = _sample(calls[name], inner[name])
         times[name].append(t)
         faults[name].append(f)

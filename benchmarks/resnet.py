@@ -32,10 +32,14 @@ and dtype the benchmark
   ``time ratio`` = jaxbn's time / the peer's, the median over rounds (and over processes with
   ``--processes``); ``images/s`` from the median step times; minor page faults per step.
 
-Thread settings, the load guard and the machine's name come from :mod:`benchmarks.harness`;
+The process first applies the training program's allocator settings
+(:func:`train.runtime.tune_allocator`; ``--malloc default`` leaves glibc's): without them
+every step page-faults its ~90k pages of temporaries in again. Thread settings, the load
+guard and the machine's name come from :mod:`benchmarks.harness`;
 a result measured while another process competed for the CPU is marked ``reliable: false``.
-Results are printed as a table and written as JSON (``benchmarks/results/resnet.json`` or
-``--json PATH``).
+Results are printed as a table (and as the README's Markdown table) and written as JSON
+(``benchmarks/results/resnet.json`` or ``--json PATH``); ``--show A.json B.json`` prints the
+tables of saved results, e.g. of one run per model.
 """
 
 from __future__ import annotations
@@ -421,6 +425,40 @@ def print_table(data: dict[str, Any], out=sys.stdout) -> None:
               f"{harness.fmt(rt.get('median'), '.2f', 7)} | "
               f"{harness.fmt(r['faults_per_call']['jaxbn']['median'], '.0f', 8)} "
               f"{'yes' if r['reliable'] else 'NO':>3}", file=out)
+    print("\nMarkdown:\n", file=out)
+    print(markdown(data), file=out)
+
+
+def markdown(data: dict[str, Any]) -> str:
+    """The README's table: jaxbn vs flax time and temporary memory, PyTorch for reference."""
+    head = ["model", "dtype", "batch", "jaxbn ms", "flax ms", "time jaxbn/flax [q1, q3]",
+            "temp MiB jaxbn / flax", "temp ratio", "PyTorch best (ms)", "time jaxbn/PyTorch",
+            "faults/step jaxbn", "load ok"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in data["results"]:
+        tb = _torch_best(r)
+        rj = r["ratio"].get("flax", {})
+        rt = r["ratio"].get(tb, {}) if tb else {}
+        torch_cell = f"{tb} ({r['ms'][tb]['median']:.0f})" if tb else "-"
+        lines.append("| " + " | ".join([
+            r["model"], r["dtype"], str(r["batch"]), f"{r['ms']['jaxbn']['median']:.0f}",
+            f"{r['ms']['flax']['median']:.0f}",
+            f"{harness.fmt(rj.get('median'), '.3f')} [{harness.fmt(rj.get('q1'), '.2f')}, "
+            f"{harness.fmt(rj.get('q3'), '.2f')}]",
+            f"{r['jaxbn']['temp_bytes'] / 2**20:.1f} / {r['flax']['temp_bytes'] / 2**20:.1f}",
+            f"{r['temp_ratio']:.2f}", torch_cell, harness.fmt(rt.get("median"), ".2f"),
+            f"{r['faults_per_call']['jaxbn']['median']:.0f}",
+            "yes" if r["reliable"] else "no"]) + " |")
+    return "\n".join(lines)
+
+
+def show(paths: Sequence[Path]) -> dict[str, Any]:
+    """Prints the tables of saved results (several files: their results in turn)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    data = {"meta": {**runs[0]["meta"], "reliable": all(r["meta"]["reliable"] for r in runs)},
+            "results": [rec for r in runs for rec in r["results"]]}
+    print_table(data)
+    return data
 
 
 def _torch_for(platform: str) -> tuple[Any, str | None]:
@@ -454,9 +492,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--processes", type=int, default=1,
                     help="repeat in this many fresh processes and merge (median of medians)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for both sides")
+    ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                    help="tuned: the training program's allocator settings (train.runtime)")
     ap.add_argument("--no-torch", action="store_true", help="skip PyTorch")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help="output JSON path")
+    ap.add_argument("--show", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="measure nothing: print the tables of these saved results")
     args = ap.parse_args(argv)
+    if args.show:
+        return show(args.show)
     if args.quick:
         args.width, args.blocks = QUICK["width"], QUICK["blocks"]
         args.size, args.batch = args.size or QUICK["size"], args.batch or QUICK["batch"]
@@ -478,6 +522,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         _write(data, args.json)
         return data
 
+    from train import runtime
+
+    malloc = runtime.tune_allocator() if args.malloc == "tuned" else {}
     threads = harness.configure_threads(args.threads)
     import jax
 
@@ -486,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.sample_ms = 1.0 if platform == "cpu" else 50.0
     torch_mod, torch_dev = (None, None) if args.no_torch else _torch_for(platform)
     meta: dict[str, Any] = {"machine": harness.machine_info(),
-                            "threads": harness.thread_settings(threads),
+                            "threads": harness.thread_settings(threads), "malloc": malloc,
                             "args": {k: (str(v) if isinstance(v, Path) else v)
                                      for k, v in vars(args).items()}}
     if torch_mod is not None:
@@ -498,7 +545,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     meta["flax"] = flax.__version__
     print(f"# {harness.machine_name(meta['machine'])}; jax {jax.__version__}, flax "
-          f"{flax.__version__}, torch {meta.get('torch')} ({torch_dev}); {threads} threads",
+          f"{flax.__version__}, torch {meta.get('torch')} ({torch_dev}); {threads} threads; "
+          f"malloc {malloc or 'default'}",
           flush=True)
     guard = harness.LoadGuard()
     meta["probe"] = guard.probe()

@@ -1,4 +1,4 @@
-"""The benchmark harness's accounting, and the ResNet benchmark end to end on tiny sizes."""
+"""The benchmark harness's accounting, and the LeNet and ResNet benchmarks end to end, tiny."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import gpu, harness, resnet
+from benchmarks import gpu, harness, lenet, resnet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,11 +108,60 @@ def test_resnet_quick_end_to_end(tmp_path):
     if importlib.util.find_spec("torch") is not None:
         assert {"torch_cl", "torch_nchw"} <= set(rec["ms"])
     assert "resnet18" in proc.stdout and "temp" in proc.stdout
+    # --show prints the same tables again from the saved JSON (twice over: two runs' rows).
+    shown = resnet.show([out, out])
+    assert len(shown["results"]) == 2
+    assert resnet.markdown(shown).count("| resnet18 | float32 | 8 |") == 2
     # The GPU summary reads the same JSON.
     buf = io.StringIO()
     gpu.print_summary({"meta": {"machine": data["meta"]["machine"], "total_s": 1.0},
                        "resnet": {"data": data}}, out=buf)
     assert "resnet18 jaxbn" in buf.getvalue()
+
+
+def test_lenet_end_to_end_in_two_processes(tmp_path):
+    """Our step vs PyTorch eager, merged over two fresh processes: speeds, faults, Markdown."""
+    out = tmp_path / "lenet.json"
+    has_torch = importlib.util.find_spec("torch") is not None
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.lenet", "--batch-sizes", "16", "--rounds", "2",
+         "--warmup", "1", "--sample-ms", "1", "--settle-ms", "0", "--processes", "2",
+         "--peers", "torch_nchw,torch_cl", *([] if has_torch else ["--no-torch"]),
+         "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    data = json.loads(out.read_text())
+    meta = data["meta"]
+    assert meta["processes"] == 2 and len(meta["guards"]) == 2
+    assert isinstance(meta["reliable"], bool)
+    (rec,) = data["results"]
+    assert rec["batch"] == 16 and rec["base"] == "ours"
+    assert rec["ms"]["ours"]["median"] > 0 and len(rec["ms"]["ours"]["per_process"]) == 2
+    assert rec["faults_per_step"]["ours"]["median"] >= 0
+    assert rec["ours_temp_MiB"] > 0 and rec["compile_s"]["ours"]["median"] > 0
+    if has_torch:
+        for peer in ("torch_nchw", "torch_cl"):
+            s = rec["speed"][peer]
+            assert s["min"] <= s["median"] <= s["max"] and s["median"] > 0
+        assert "speed vs torch_cl" in lenet.markdown(data)
+        buf = io.StringIO()
+        gpu.print_summary({"meta": {"machine": meta["machine"], "total_s": 1.0},
+                           "lenet": {"data": data}}, out=buf)
+        assert "lenet ours" in buf.getvalue()
+    assert "speed_vs_fastest_peer" in proc.stdout
+    shown = lenet.show([out, out])
+    assert [r["batch"] for r in shown["results"]] == [16, 16]
+    assert len(shown["meta"]["guards"]) == 4
+
+
+def test_lenet_speed_is_the_peers_time_over_ours():
+    # The harness's ratio is base (our) time / peer time; the benchmark reports its inverse,
+    # with the quartiles swapped.
+    ratio = harness.summary([0.5, 0.25, 1.0, 2.0])  # ours 2x faster in the median round
+    speed = lenet._inverse(ratio)
+    assert speed["median"] == pytest.approx(1 / ratio["median"])
+    assert (speed["q1"], speed["q3"]) == (1 / ratio["q3"], 1 / ratio["q1"])
+    assert speed["q1"] <= speed["median"] <= speed["q3"]
 
 
 def test_harness_doctests():
