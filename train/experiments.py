@@ -170,7 +170,8 @@ class Protocol:
     f1_images: int = 6_000
 
 
-#: The full suite (about half an hour on a 2-core CPU).
+#: The full suite (on a 2-core CPU: the first six experiments about 25 minutes, the three on
+#: test-time statistics about 36 minutes of CPU time).
 FULL = Protocol()
 #: ``--quick``: tiny subsets and few steps, for CI; the numbers mean nothing.
 QUICK = Protocol(
