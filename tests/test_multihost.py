@@ -8,7 +8,9 @@ fake devices, running the same code (:func:`tests.multihost_worker.compute`).
 The training tests run ``python -m train.lenet`` itself as two processes (through the
 worker's ``lenet`` mode, which only adds a log of the files each process opens for writing)
 and compare with the same run on this process's first four devices; one of them kills a
-training process and resumes the run.
+training process and resumes the run. The runs recompute BN's statistics after each epoch
+(PreciseBN, each process feeding its rows of the batches) and train their second epoch with
+BN frozen (FrozenBN), so that every collective of the training program takes part.
 """
 
 from __future__ import annotations
@@ -336,11 +338,16 @@ STEPS_PER_EPOCH = N_TRAIN // BATCH
 #: Two epochs; checkpoints at 8 and 16. --epochs (the schedule's length) is larger, so that
 #: the run killed mid-way is still training when it is killed.
 STEPS = 2 * STEPS_PER_EPOCH
-METRICS = ("step", "epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
+METRICS = ("step", "epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+           "precise_test_loss", "precise_test_accuracy")
+#: PreciseBN from two global batches after each epoch; BN frozen from epoch 2 on (of the 20
+#: of the schedule): the runs switch at step 8 and train their second epoch frozen.
+POPULATION_FLAGS = ("--precise-bn", 2 * BATCH, "--freeze-bn-epochs", 19)
 #: Wall-clock limit of one training process (a hang guard: a healthy run takes ~10 s idle).
 TRAIN_LIMIT_S = 180.0
 FINAL = re.compile(r"^final: (epochs=\S+ steps=\d+ test_accuracy=\S+ test_loss=\S+ "
-                   r"train_accuracy=\S+) seconds=", re.MULTILINE)
+                   r"precise_test_accuracy=\S+ precise_test_loss=\S+ train_accuracy=\S+) "
+                   r"seconds=", re.MULTILINE)
 
 
 @pytest.fixture(scope="module")
@@ -356,7 +363,7 @@ def idx_dir(tmp_path_factory):
 def _lenet_args(idx_dir: Path, workdir: Path, *extra: Any) -> list[str]:
     return ["--data-dir", str(idx_dir), "--workdir", str(workdir), "--batch-size", str(BATCH),
             "--eval-batch-size", str(EVAL_BATCH), "--epochs", "20", "--devices", "4",
-            "--no-progress", *map(str, extra)]
+            "--no-progress", *map(str, POPULATION_FLAGS), *map(str, extra)]
 
 
 def _lenet_env(**extra: str) -> dict[str, str]:
@@ -426,8 +433,10 @@ def two_process_training(idx_dir, tmp_path_factory):
 
 def test_two_process_training_matches_one_process(two_process_training):
     reference, reference_dir, out, workdir = two_process_training
-    got = _rows(workdir)[-1]
+    rows = _rows(workdir)
+    got = rows[-1]
     assert got["step"] == STEPS and got["epoch"] == 2
+    assert [r["bn_frozen"] for r in rows] == [False, True]
     for key in METRICS:
         np.testing.assert_allclose(got[key], reference[key], rtol=1e-5, atol=1e-6, err_msg=key)
     # Every process ends with the same metrics; process 0's line says what metrics.jsonl says.
@@ -435,17 +444,27 @@ def test_two_process_training_matches_one_process(two_process_training):
     assert finals[0] == finals[1], finals
     assert f"test_accuracy={got['test_accuracy']:.4f} test_loss={got['test_loss']:.4f}" in \
         finals[0]
-    # The state: BN statistics of the global batches, parameters, step.
+    # The state: BN statistics of the global batches (the running averages after epoch 1, the
+    # frozen ones after epoch 2, and PreciseBN's each time), parameters, step.
+    first = load_checkpoint(workdir, STEPS_PER_EPOCH), load_checkpoint(reference_dir,
+                                                                        STEPS_PER_EPOCH)
     a, b = load_checkpoint(workdir), load_checkpoint(reference_dir)
     assert int(a["state"]["step"]) == STEPS and a["meta"]["config"]["devices"] == 4
-    for part in ("params", "batch_stats"):
-        flat_a, flat_b = _flat(a["state"][part]), _flat(b["state"][part])
+    for part, (flat_a, flat_b) in (
+        ("params", (_flat(a["state"]["params"]), _flat(b["state"]["params"]))),
+        ("batch_stats", (_flat(a["state"]["batch_stats"]), _flat(b["state"]["batch_stats"]))),
+        ("running averages", (_flat(first[0]["state"]["batch_stats"]),
+                              _flat(first[1]["state"]["batch_stats"]))),
+        ("PreciseBN", (_flat(first[0]["precise_batch_stats"]),
+                       _flat(first[1]["precise_batch_stats"]))),
+    ):
         assert flat_a.keys() == flat_b.keys()
         for k in flat_a:
             # 16 SGD steps amplify float32 rounding from different reduction orders (the
             # gradient psum over two processes vs one; the fast conv's chunked matmuls):
             # seen up to 2.5e-6 absolute on conv2 kernels of magnitude ~0.05.
-            np.testing.assert_allclose(flat_a[k], flat_b[k], rtol=1e-4, atol=1e-5, err_msg=k)
+            np.testing.assert_allclose(flat_a[k], flat_b[k], rtol=1e-4, atol=1e-5,
+                                       err_msg=f"{part}: {k}")
 
 
 def test_only_process_0_locks_prints_and_writes_metrics(two_process_training):
@@ -463,12 +482,14 @@ def test_only_process_0_locks_prints_and_writes_metrics(two_process_training):
             (i, outputs)
         printed = [line for line in _log(out, f"p{i}").splitlines()
                    if line.startswith(("data:", "epoch ", "checkpoint:", "metrics:", "plot:"))]
-        assert len(printed) == (6 if i == 0 else 0), printed
+        # data, 2 epoch lines and the switch's, checkpoint, metrics, plot.
+        assert len(printed) == (7 if i == 0 else 0), printed
 
 
 def test_one_process_resumes_a_two_process_checkpoint(idx_dir, two_process_training, tmp_path):
     """The checkpoint does not depend on the processes: one process with the same four
-    devices continues the two-process run's epoch-1 checkpoint to the same end."""
+    devices continues the two-process run's epoch-1 checkpoint (making the switch to FrozenBN)
+    to the same end."""
     reference, _, _, workdir = two_process_training
     copy = tmp_path / "w"
     shutil.copytree(workdir, copy)
@@ -476,6 +497,7 @@ def test_one_process_resumes_a_two_process_checkpoint(idx_dir, two_process_train
     with contextlib.redirect_stdout(io.StringIO()) as out:
         resumed = lenet.main(_lenet_args(idx_dir, copy, "--max-steps", STEPS, "--resume"))
     assert f"resumed from {copy / 'checkpoints' / str(STEPS_PER_EPOCH)}" in out.getvalue()
+    assert "BN frozen for the last 19 epoch(s)" in out.getvalue()
     for key in METRICS:
         np.testing.assert_allclose(resumed[key], reference[key], rtol=1e-5, atol=1e-6,
                                    err_msg=key)

@@ -1,7 +1,8 @@
 """The run's Orbax checkpoints: saved asynchronously, verified on restore, never silently lost.
 
 Each checkpoint ``<workdir>/checkpoints/<step>`` holds two items: ``state`` (the
-:class:`train.steps.TrainState` as a tree of numpy arrays, and the RNG key) and ``meta``
+:class:`train.steps.TrainState` as a tree of numpy arrays, the RNG key, and with
+``--precise-bn`` PreciseBN's statistics, ``precise_batch_stats``) and ``meta``
 (JSON: epoch, step, config, the epoch's metrics and running sums, and a SHA-256
 ``checksum`` of the saved arrays and of the rest of ``meta``). :class:`Checkpoints`
 
@@ -44,6 +45,7 @@ from train.workdir import checkpoint_steps, storage_errors
 __all__ = [
     "CHECKPOINTS_TO_KEEP",
     "DAMAGED",
+    "PRECISE",
     "Checkpoints",
     "checksum",
     "latest_checkpoint",
@@ -54,6 +56,8 @@ __all__ = [
 ]
 
 CHECKPOINTS_TO_KEEP = 3
+#: The ``state`` item's entry (and ``meta``'s flag) for PreciseBN's statistics.
+PRECISE = "precise_batch_stats"
 #: Where damaged checkpoints go, in the workdir.
 DAMAGED = "damaged"
 #: Orbax writes a checkpoint into ``<step>.orbax-checkpoint-tmp*`` and renames it when done.
@@ -114,9 +118,11 @@ def checksum(tree: Any, meta: Mapping[str, Any]) -> str:
     return digest.hexdigest()
 
 
-def _host_tree(state: Any, rng: jax.Array) -> dict[str, Any]:
+def _host_tree(state: Any, rng: jax.Array, precise_batch_stats: Any = None) -> dict[str, Any]:
     """The state as a tree of numpy arrays: a copy, so donation cannot touch it."""
     tree = {"state": serialization.to_state_dict(state), "rng": jax.random.key_data(rng)}
+    if precise_batch_stats is not None:
+        tree[PRECISE] = serialization.to_state_dict(precise_batch_stats)
     return jax.tree.map(lambda x: np.array(jax.device_get(x)), tree)
 
 
@@ -193,17 +199,27 @@ class Checkpoints:
             self._give_up()
             raise StorageError(f"cannot save checkpoint {self.path(step)}: {cause}") from e
 
-    def save(self, state: Any, rng: jax.Array, meta: dict[str, Any]) -> Path:
+    def save(self, state: Any, rng: jax.Array, meta: dict[str, Any], *,
+             precise_batch_stats: Any = None) -> Path:
         """Starts saving ``state``, ``rng`` and ``meta`` as checkpoint ``meta['step']``.
 
         Waits for the previous save first. Returns the checkpoint's path.
+
+        Args:
+            state: The training state.
+            rng: The run's key.
+            meta: JSON-able metadata.
+            precise_batch_stats: PreciseBN's statistics, shaped as ``state.batch_stats``,
+                saved beside the state (and flagged in ``meta``); ``None`` for none.
 
         Raises:
             StorageError: This save or the previous one failed for lack of space or rights.
         """
         self.wait()
         step = int(meta["step"])
-        tree = _host_tree(state, rng)
+        tree = _host_tree(state, rng, precise_batch_stats)
+        if precise_batch_stats is not None:
+            meta = {**meta, PRECISE: True}
         meta = {**meta, "checksum": checksum(tree, meta)}
         with self._saving(step):
             self.manager.save(step, args=ocp.args.Composite(
@@ -241,7 +257,8 @@ class Checkpoints:
         except Exception as e:
             raise CheckpointError(f"unreadable metadata ({_reason(e)})") from e
         check(meta, self.path(step))  # A ConfigError is not damage: it propagates.
-        template = _host_tree(state, rng)
+        # PreciseBN's statistics are recomputed, not resumed, but the checksum covers them.
+        template = _host_tree(state, rng, state.batch_stats if meta.get(PRECISE) else None)
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(template), meta=ocp.args.JsonRestore()))
@@ -377,7 +394,8 @@ def load_checkpoint(workdir: str | Path, step: int | None = None) -> dict[str, A
     Returns:
         ``{'state': {'step', 'params', 'batch_stats', 'opt_state'}, 'rng': uint32 key data,
         'meta': {'epoch', 'step', 'steps_per_epoch', 'config', 'metrics', ...}}`` as numpy
-        arrays and JSON values.
+        arrays and JSON values, and ``'precise_batch_stats'`` when the run recomputed BN's
+        statistics (``--precise-bn``).
 
     Raises:
         CheckpointError: No checkpoint in ``workdir``, or a damaged one.

@@ -32,6 +32,7 @@ from train.errors import ConfigError, exit_codes_help
 from train.model import ACTIVATIONS, BN_POSITIONS, CONVS, NORMS
 
 __all__ = [
+    "FREEZE_IMAGES",
     "OPTIMIZERS",
     "SCHEDULES",
     "CommandLine",
@@ -50,6 +51,9 @@ OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("constant", "cosine", "step")
 #: Where ``python -m train.lenet`` writes unless ``--workdir`` says otherwise.
 DEFAULT_WORKDIR = "runs/lenet"
+#: Training images PreciseBN uses at the FrozenBN switch when ``--precise-bn`` is 0
+#: (Wu & Johnson, 2021, find 10^3 to 10^4 enough).
+FREEZE_IMAGES = 10_240
 
 
 class Resume(enum.Enum):
@@ -134,6 +138,18 @@ class Config:
     activation: str = _option("relu", "nonlinearity", choices=tuple(ACTIVATIONS))
     bn_momentum: float = _option(0.9, "BN running-average decay (flax convention; PyTorch's "
                                  "0.1 is 0.9)", check=_fraction)
+    precise_bn: int = _option(0, "PreciseBN: after each epoch (and at the end), recompute "
+                              "BN's statistics from N training images with the weights fixed "
+                              "(rounded up to whole batches), then evaluate and checkpoint "
+                              "with them; the metrics report the test accuracy with both "
+                              "these and the running averages. 0: off",
+                              check=_non_negative_int, compiled=False)
+    freeze_bn_epochs: int = _option(0, "FrozenBN: train the last K epochs with BN normalizing "
+                                    "with population statistics, recomputed by PreciseBN "
+                                    "(from --precise-bn images, or "
+                                    f"{FREEZE_IMAGES} if 0) when they start and fixed from "
+                                    "then on. 0: off", check=_non_negative_int,
+                                    compiled=False)
     conv: str = _option("fast", "fast: train.conv (im2col, custom VJP; fastest on CPU); "
                         "flax: flax.linen.Conv", choices=CONVS)
     seed: int = _option(0, "initialization and data-order seed", check=_non_negative_int,
@@ -216,6 +232,16 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"--warmup-epochs: expected in [0, --epochs={config.epochs}), "
             f"got {config.warmup_epochs}"
+        )
+    if not config.freeze_bn_epochs < config.epochs:
+        raise ConfigError(
+            f"--freeze-bn-epochs: expected fewer than --epochs={config.epochs} (BN trains "
+            f"with batch statistics first), got {config.freeze_bn_epochs}"
+        )
+    if config.norm == "none" and (config.precise_bn or config.freeze_bn_epochs):
+        flag = "--precise-bn" if config.precise_bn else "--freeze-bn-epochs"
+        raise ConfigError(
+            f"{flag} needs Batch Normalization: expected --norm jaxbn or flax, got --norm none"
         )
     if config.batch_size % config.devices:
         raise ConfigError(

@@ -17,6 +17,14 @@ deviation over the seeds; :mod:`train.report`) into ``--out``:
                     BN, next to Ghost BN, its one-device equivalent             (claim 5)
     bn_position     BN before vs after the ReLU, across learning rates          (question 6)
 
+and three on the statistics BN uses at test time (:mod:`train.population_experiments`):
+
+    ema_vs_precise  running averages vs PreciseBN across batch sizes and momenta, and
+                    PreciseBN's sample size
+    frozen_bn       batches of 2-8 per replica: FrozenBN vs PreciseBN, Batch Renorm and
+                    synchronized BN
+    bn_paper_fig1   the BN paper's Fig. 1: a sigmoid MLP with and without BN (functional API)
+
 The protocol (:data:`FULL`; :data:`QUICK` with ``--quick``) is shared so that runs repeat
 across experiments only once per process: SGD with momentum 0.9, a constant learning rate, no
 weight decay, BN's running-average momentum 0.9 (PyTorch's default ``momentum=0.1``), the first
@@ -41,7 +49,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from train import data, report
+from train import data, population_experiments, report
 from train.devices import ensure_devices
 from train.errors import TrainError
 from train.runner import Result, Runner, Spec
@@ -86,6 +94,32 @@ class Protocol:
         bs_lr_batch: See ``bs_lr``.
         batch_sizes: One-device batch sizes of ``batch_size``.
         per_device_batch_sizes: Per-device batch sizes of the :data:`DEVICES`-device runs.
+        pb_train_size: Training images of ``ema_vs_precise``.
+        pb_epochs: Epochs of ``ema_vs_precise`` (at every batch size).
+        pb_batch_sizes: Batch sizes of ``ema_vs_precise``.
+        pb_lr: Learning rate at batch ``pb_lr_batch``, scaled linearly with the batch.
+        pb_lr_batch: See ``pb_lr``.
+        pb_warmup_epochs: Linear warm-up of ``ema_vs_precise``, in epochs.
+        pb_momenta: BN momenta of the running averages compared with PreciseBN.
+        pb_images: PreciseBN's images after every epoch.
+        pb_sample_sizes: PreciseBN's sample sizes compared at the end.
+        pb_subsets: Random subsets per sample size (and seed).
+        fz_train_size: Training images of ``frozen_bn``.
+        fz_epochs: Epochs of ``frozen_bn``.
+        fz_frozen_epochs: The last epochs that FrozenBN trains frozen.
+        fz_replicas: Data-parallel replicas of ``frozen_bn``.
+        fz_batch_sizes: Images per replica.
+        fz_lr: Learning rate at global batch ``fz_lr_batch``; smaller batches scale it down
+            linearly.
+        fz_lr_batch: See ``fz_lr``.
+        fz_images: PreciseBN's images in ``frozen_bn``.
+        f1_train_size: Training images of ``bn_paper_fig1``.
+        f1_test_size: Test images of ``bn_paper_fig1``.
+        f1_steps: Training steps of ``bn_paper_fig1``.
+        f1_batch: Its batch size.
+        f1_lr: Its learning rate (plain SGD).
+        f1_eval_every: Steps between its evaluations.
+        f1_images: PreciseBN's images at each of its evaluations.
     """
 
     train_size: int = 10_240
@@ -109,9 +143,35 @@ class Protocol:
     bs_lr_batch: int = 64
     batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 256)
     per_device_batch_sizes: tuple[int, ...] = (2, 4, 8, 32)
+    pb_train_size: int = 16_384
+    pb_epochs: int = 8
+    pb_batch_sizes: tuple[int, ...] = (32, 256, 2048)
+    pb_lr: float = 0.05
+    pb_lr_batch: int = 128
+    pb_warmup_epochs: float = 1.0
+    pb_momenta: tuple[float, ...] = (0.9, 0.99)
+    pb_images: int = 4_096
+    pb_sample_sizes: tuple[int, ...] = (256, 512, 1_024, 2_048, 4_096, 8_192, 16_384)
+    pb_subsets: int = 2
+    fz_train_size: int = 8_192
+    fz_epochs: int = 4
+    fz_frozen_epochs: int = 1
+    fz_replicas: int = 8
+    fz_batch_sizes: tuple[int, ...] = (2, 4, 8)
+    fz_lr: float = 0.1
+    fz_lr_batch: int = 64
+    fz_images: int = 4_096
+    f1_train_size: int = 60_000
+    f1_test_size: int = 10_000
+    f1_steps: int = 50_000
+    f1_batch: int = 60
+    f1_lr: float = 0.5
+    f1_eval_every: int = 1_000
+    f1_images: int = 6_000
 
 
-#: The full suite (about half an hour on a 2-core CPU).
+#: The full suite (on a 2-core CPU: the first six experiments about 25 minutes, the three on
+#: test-time statistics about 36 minutes of CPU time).
 FULL = Protocol()
 #: ``--quick``: tiny subsets and few steps, for CI; the numbers mean nothing.
 QUICK = Protocol(
@@ -120,6 +180,11 @@ QUICK = Protocol(
     smooth=5, reg_train_size=128, reg_batch_size=16, reg_steps=40, reg_lr=0.03,
     reg_eval_every=20, bs_images=64, bs_lr_batch=32, batch_sizes=(2, 16),
     per_device_batch_sizes=(2,),
+    pb_train_size=512, pb_epochs=2, pb_batch_sizes=(64,), pb_lr_batch=32,
+    pb_warmup_epochs=0.5, pb_images=128, pb_sample_sizes=(128, 512), pb_subsets=1,
+    fz_train_size=128, fz_epochs=2, fz_replicas=4, fz_batch_sizes=(2,), fz_lr_batch=8,
+    fz_images=64, f1_train_size=512, f1_test_size=256, f1_steps=40, f1_eval_every=20,
+    f1_images=120,
 )
 
 NORM_LABELS = {"none": "no BN", "bn": "BN", "renorm": "Batch Renorm", "ghost": "Ghost BN"}
@@ -451,6 +516,7 @@ EXPERIMENTS: dict[str, Callable[..., Any]] = {
     "batch_size": batch_size,
     "bn_position": bn_position,
     "regularization": regularization,
+    **population_experiments.EXPERIMENTS,
 }
 
 

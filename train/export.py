@@ -40,7 +40,7 @@ from jax import lax
 
 from jaxbn import BatchNormParams, BatchStats, fold, interop
 from train import data
-from train.checkpoints import read_checkpoint
+from train.checkpoints import PRECISE, read_checkpoint
 from train.model import ACTIVATIONS, BN_POSITIONS, NORMS, LeNet
 
 __all__ = [
@@ -273,19 +273,22 @@ def _find_variables(tree: Any) -> dict[str, Any] | None:
 
 
 def load_checkpoint(
-    workdir: str | Path, step: int | None = None
+    workdir: str | Path, step: int | None = None, *, running_stats: bool = False
 ) -> tuple[dict[str, Any], int, dict[str, Any]]:
     """Restores LeNet variables from the orbax checkpoints under ``workdir/checkpoints``.
 
     ``python -m train.lenet`` saves a composite item: ``state`` (``{'state': TrainState as a
-    dict, 'rng': ...}``) and ``meta`` (JSON with the run's ``config``). The loader does not
-    insist on that layout: it takes the first mapping with ``params`` (and ``batch_stats``)
-    anywhere in the restored tree (:func:`train.checkpoints.read_checkpoint`), and ``meta``
-    when there is one.
+    dict, 'rng': ...}``, and with ``--precise-bn`` PreciseBN's statistics,
+    ``precise_batch_stats``) and ``meta`` (JSON with the run's ``config``). The loader does
+    not insist on that layout: it takes the first mapping with ``params`` (and
+    ``batch_stats``) anywhere in the restored tree
+    (:func:`train.checkpoints.read_checkpoint`), and ``meta`` when there is one. Where the
+    checkpoint has PreciseBN's statistics, they replace the running averages.
 
     Args:
         workdir: The training run's directory.
         step: The step to restore; default the latest.
+        running_stats: Keep the running averages even where PreciseBN's statistics exist.
 
     Returns:
         ``(variables, step, meta)``, ``meta`` empty when the checkpoint has none.
@@ -302,6 +305,10 @@ def load_checkpoint(
             f"'params': expected LeNet variables ({{'params': ..., 'batch_stats': ...}}), got "
             f"top-level keys {sorted(items)}."
         )
+    precise = items.get("state", {}).get(PRECISE) if isinstance(items.get("state"),
+                                                                  Mapping) else None
+    if precise and not running_stats:
+        variables["batch_stats"] = precise
     return variables, step, dict(meta or {})
 
 
@@ -349,13 +356,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--activation", choices=tuple(ACTIVATIONS), default=None,
                         help="override the checkpoint's config")
     parser.add_argument("--epsilon", type=float, default=None, help="BN epsilon (1e-5)")
+    parser.add_argument("--running-stats", action="store_true",
+                        help="fold BN's running averages even where the checkpoint has "
+                             "PreciseBN's statistics (train.lenet --precise-bn)")
     parser.add_argument("--input-mean", type=float, default=None,
                         help="training input standardization (default: the dataset's)")
     parser.add_argument("--input-std", type=float, default=None,
                         help="training input standardization (default: the dataset's)")
     args = parser.parse_args(argv)
     try:
-        variables, step, meta = load_checkpoint(args.workdir, args.step)
+        variables, step, meta = load_checkpoint(args.workdir, args.step,
+                                                running_stats=args.running_stats)
         kwargs = _model_kwargs(meta, args)
         mean, std = _input_stats(meta, args)
         folded, apply_fn = export_folded(variables, kwargs, input_mean=mean, input_std=std)
@@ -374,7 +385,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ref = model.apply(variables, (x - mean) / std, train=False)
     diff = float(jnp.max(jnp.abs(apply_fn(folded, x) - ref)))
     kept = [k for k in folded if k.startswith("affine")]
-    print(f"step {step}: wrote {npz} and {path}; BN "
+    stats = ("PreciseBN's statistics" if meta.get(PRECISE) and not args.running_stats
+             else "running averages")
+    print(f"step {step}: wrote {npz} and {path}; BN ({stats}) "
           f"{'kept as a separate affine in ' + ', '.join(kept) if kept else 'fully folded'}; "
           f"max |folded - unfolded| logit difference on 64 random inputs: {diff:.2e}")
     return 0

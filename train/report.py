@@ -99,8 +99,8 @@ def write_table(out: Path, name: str, title: str, body: str, notes: Sequence[str
     footer = [
         *notes,
         f"{len(seeds)} seed(s) ({', '.join(map(str, seeds))}); cells are mean ± sample "
-        "standard deviation over the seeds; accuracies in percent, evaluated with the running "
-        "statistics (train=False).",
+        "standard deviation over the seeds; accuracies in percent, evaluated in inference "
+        "mode (train=False) with the running statistics unless a column says otherwise.",
         f"Regenerate: `python -m train.experiments --only {name} --seeds {len(seeds)}{mode}`. "
         f"Here it took {seconds:.0f} s (not counting runs shared with experiments before it "
         f"in the same process) on a {environment()}.",

@@ -187,13 +187,15 @@ def preprocess(images: jax.Array, mean: float, std: float) -> jax.Array:
     return (images.astype(jnp.float32) / 255.0 - mean) / std
 
 
-def make_loss_fn(model: LeNet, mean: float, std: float) -> LossFn:
+def make_loss_fn(model: LeNet, mean: float, std: float, *, frozen_bn: bool = False) -> LossFn:
     """The training loss on one batch (or one device's shard of it).
 
     Args:
         model: The model.
         mean: Pixel mean in [0, 1] units.
         std: Pixel standard deviation.
+        frozen_bn: BN normalizes with its running statistics and leaves them unchanged
+            (``use_running_average=True``: FrozenBN); the weights still train.
 
     Returns:
         ``loss_fn(params, batch_stats, images, labels) -> (loss, (batch_stats, correct))``:
@@ -205,7 +207,7 @@ def make_loss_fn(model: LeNet, mean: float, std: float) -> LossFn:
         logits, updates = model.apply(
             {"params": params, "batch_stats": batch_stats},
             preprocess(images, mean, std),
-            train=True,
+            train=not frozen_bn,  # LeNet's `train` only switches BN's mode.
             mutable=["batch_stats"],
         )
         loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
@@ -234,7 +236,7 @@ def _over_mesh(loss_fn: LossFn, mesh: Mesh, synced: bool) -> LossFn:
 
 
 def make_train_step(
-    model: LeNet, mean: float, std: float, mesh: Mesh | None = None
+    model: LeNet, mean: float, std: float, mesh: Mesh | None = None, *, frozen_bn: bool = False
 ) -> Callable[[TrainState, jax.Array, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
     """The jitted training step: forward, backward and update, with the state donated.
 
@@ -245,13 +247,14 @@ def make_train_step(
         std: Pixel standard deviation.
         mesh: One-axis mesh named :data:`train.distributed.AXIS` to split each batch over,
             or ``None`` for a plain ``jit`` on one device.
+        frozen_bn: Train with BN frozen (see :func:`make_loss_fn`).
 
     Returns:
         ``step(state, images, labels) -> (state, {'loss', 'correct'})`` taking uint8
         ``(B, H, W, 1)`` images and int32 labels; ``loss`` is the global batch's mean
         cross-entropy and ``correct`` its number of correct predictions.
     """
-    loss_fn = make_loss_fn(model, mean, std)
+    loss_fn = make_loss_fn(model, mean, std, frozen_bn=frozen_bn)
     if mesh is not None:
         loss_fn = _over_mesh(loss_fn, mesh, synced=model.axis_name is not None)
 

@@ -36,7 +36,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from train import data, distributed, metrics, steps
+from train import data, distributed, metrics, population, steps
 from train.checkpoints import Checkpoints, quiet_orbax, unfinished_saves
 from train.config import Config, check_resumable, compile_key, validate
 from train.devices import ensure_devices
@@ -134,6 +134,10 @@ class _Run:
     tx: optax.GradientTransformation
     train_step: Callable[..., Any]
     eval_step: Callable[..., Any]
+    #: The training step with BN frozen (``--freeze-bn-epochs``); compiled when first used.
+    frozen_step: Callable[..., Any]
+    #: PreciseBN (:func:`train.population.make_precise_fn`); compiled when first used.
+    precise: population.PreciseFn | None
     mesh: Mesh
     checkpoints: Checkpoints
     workdir: Path
@@ -158,19 +162,32 @@ def _load(config: Config, devices: int) -> tuple[data.Dataset, tuple[np.ndarray,
     return ds, arrays, eval_batch_size
 
 
+class _Built(NamedTuple):
+    model: Any
+    tx: optax.GradientTransformation
+    train_step: Callable[..., Any]
+    eval_step: Callable[..., Any]
+    frozen_step: Callable[..., Any]
+    precise: population.PreciseFn | None
+    mesh: Mesh
+
+
 @functools.lru_cache(maxsize=8)
 def _build(
     config: Config, steps_per_epoch: int, num_classes: int, devices: tuple[jax.Device, ...],
     mean: float, std: float,
-) -> tuple[Any, optax.GradientTransformation, Callable[..., Any], Callable[..., Any], Mesh]:
+) -> _Built:
     """Model, optimizer, jitted steps and mesh; cached (by :func:`train.config.compile_key`)
     so that runs with the same settings in one process (tests, sweeps, a resumed run) reuse
-    the compiled steps."""
+    the compiled steps. Each step compiles when first called."""
     mesh = distributed.global_mesh(devices)
     model = steps.make_model(config, num_classes)
-    return (model, steps.make_optimizer(config, steps_per_epoch),
-            steps.make_train_step(model, mean, std, mesh),
-            steps.make_eval_step(model, mean, std, mesh), mesh)
+    precise = None if config.norm == "none" else population.make_precise_fn(model, mean, std,
+                                                                            mesh)
+    return _Built(model, steps.make_optimizer(config, steps_per_epoch),
+                  steps.make_train_step(model, mean, std, mesh),
+                  steps.make_eval_step(model, mean, std, mesh),
+                  steps.make_train_step(model, mean, std, mesh, frozen_bn=True), precise, mesh)
 
 
 def _archive(workdir: Path, config: Config) -> bool:
@@ -200,8 +217,9 @@ def _prepare(config: Config, workdir: Path, devices: Sequence[jax.Device],
     ds, arrays, eval_batch_size = _load(config, config.devices)
     steps_per_epoch = data.num_batches(len(arrays[0]), config.batch_size)
     mean, std = data.pixel_stats(ds.name, dataset=ds)
-    model, tx, train_step, eval_step, mesh = _build(
-        compile_key(config), steps_per_epoch, ds.num_classes, tuple(devices), mean, std)
+    built = _build(compile_key(config), steps_per_epoch, ds.num_classes, tuple(devices),
+                   mean, std)
+    mesh = built.mesh
     processes = jax.process_count()
     # This process's rows of every global batch: block `index` of `processes` equal blocks.
     rows = distributed.process_batch_slice(config.batch_size, mesh)
@@ -218,8 +236,9 @@ def _prepare(config: Config, workdir: Path, devices: Sequence[jax.Device],
     if checkpoints.removed:
         say(f"removed an unfinished checkpoint save: {', '.join(map(str, checkpoints.removed))}"
             " (a run stopped while saving)", file=sys.stderr, flush=True)
-    return _Run(config, ds, arrays, steps_per_epoch, eval_batch_size, model, tx, train_step,
-                eval_step, mesh, checkpoints, workdir, on_step,
+    return _Run(config, ds, arrays, steps_per_epoch, eval_batch_size, built.model, built.tx,
+                built.train_step, built.eval_step, built.frozen_step, built.precise, mesh,
+                checkpoints, workdir, on_step,
                 shard=(rows.start // (config.batch_size // processes), processes),
                 archived=archived)
 
@@ -302,10 +321,11 @@ def _flush(pending: list[tuple[int, dict[str, jax.Array]]], epoch: int, run: _Ru
 
 
 def _train_epoch(run: _Run, state: steps.TrainState, epoch: int, start: int,
-                 sums: dict[str, Any], last_checkpoint: Path | None
-                 ) -> tuple[steps.TrainState, dict[str, float]]:
-    """Trains from batch ``start`` of ``epoch`` to its end (or to ``max_steps``), adding
-    each step's loss and correct predictions to the epoch's running ``sums``."""
+                 sums: dict[str, Any], last_checkpoint: Path | None,
+                 train_step: Callable[..., Any]) -> tuple[steps.TrainState, dict[str, float]]:
+    """Trains from batch ``start`` of ``epoch`` to its end (or to ``max_steps``) with
+    ``train_step``, adding each step's loss and correct predictions to the epoch's running
+    ``sums``."""
     config, step = run.config, int(state.step)
     stop = run.steps_per_epoch if config.max_steps is None else \
         min(run.steps_per_epoch, start + config.max_steps - step)
@@ -324,7 +344,7 @@ def _train_epoch(run: _Run, state: steps.TrainState, epoch: int, start: int,
             if i >= stop:
                 break
             batch = distributed.make_global_batch((images, labels), run.mesh)
-            state, step_metrics = run.train_step(state, *batch)
+            state, step_metrics = train_step(state, *batch)
             step += 1
             pending.append((step, step_metrics))
             if run.on_step is not None:
@@ -354,11 +374,12 @@ def _epoch_sums(meta: dict[str, Any] | None, start: int) -> dict[str, Any]:
 
 
 def _record(run: _Run, state: steps.TrainState, rng: jax.Array, rows: list[dict[str, Any]],
-            sums: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+            sums: dict[str, Any], precise: Any = None) -> tuple[dict[str, Any], Path]:
     """Writes the metrics and the plot, starts the checkpoint's save, prints the epoch line.
 
     The metrics go first: a run stopped in between has a metrics row newer than its latest
     checkpoint, which ``--resume`` drops, rather than a checkpoint without its row.
+    ``precise`` (PreciseBN's statistics, or ``None``) is saved beside the state.
     """
     row = rows[-1]
     if distributed.is_main_process():
@@ -368,24 +389,58 @@ def _record(run: _Run, state: steps.TrainState, rng: jax.Array, rows: list[dict[
             "steps_per_epoch": run.steps_per_epoch, "config": dataclasses.asdict(run.config),
             "metrics": row, "epoch_sums": sums}
     with defer_interrupts(f"saving checkpoint {run.checkpoints.path(row['step'])}"):
-        checkpoint = run.checkpoints.save(state, rng, meta)
+        checkpoint = run.checkpoints.save(state, rng, meta, precise_batch_stats=precise)
     say(metrics.epoch_line(row, run.config.epochs), flush=True)
     return meta, checkpoint
 
 
+def _precise(run: _Run, state: steps.TrainState, epoch: int, num_images: int) -> Any:
+    """PreciseBN's statistics for ``state``'s weights, from ``num_images`` training images in
+    the order of ``epoch`` (:mod:`train.population`)."""
+    assert run.precise is not None  # validate() refuses the flags without BN.
+    images = population.precise_images(
+        run.arrays[0], run.arrays[1], run.config, num_images=num_images, epoch=epoch,
+        steps_per_epoch=run.steps_per_epoch, shard=run.shard)
+    return run.precise(state, images)
+
+
+def _test(run: _Run, state: steps.TrainState, batch_stats: Any = None) -> dict[str, float]:
+    """Test loss and accuracy of ``state``, or of its weights with ``batch_stats``."""
+    if batch_stats is not None:
+        state = state.replace(batch_stats=batch_stats)
+    return steps.evaluate(run.eval_step, state, run.arrays[2], run.arrays[3],
+                          run.eval_batch_size, run.mesh)
+
+
 def _train(run: _Run) -> dict[str, Any]:
-    """The epoch loop; returns the last epoch's metrics."""
+    """The epoch loop; returns the last epoch's metrics.
+
+    With ``--freeze-bn-epochs K``, the epochs from ``epochs - K`` on train with the frozen
+    step, from statistics PreciseBN recomputes when the first of them starts (at its first
+    batch: a run resumed inside a frozen epoch has them in its state already). With
+    ``--precise-bn N``, PreciseBN recomputes the statistics after every epoch that trained
+    with batch statistics; in a frozen epoch, the statistics the run trains with are
+    PreciseBN's from the switch, and are reported as such.
+    """
     config, spe = run.config, run.steps_per_epoch
     state, rng, meta, rows = _start(run)
     state = _replicate(state, run.mesh)
     last = run.checkpoints.path(meta["step"]) if meta else None
     total = spe * config.epochs
+    first_frozen = config.epochs - config.freeze_bn_epochs
     while int(state.step) < min(total, config.max_steps or total):
         epoch, start = divmod(int(state.step), spe)
+        frozen = epoch >= first_frozen
+        if frozen and epoch == first_frozen and start == 0:
+            images = population.freeze_images(config)
+            state = state.replace(batch_stats=_precise(run, state, epoch - 1, images))
+            say(f"epoch {epoch + 1}/{config.epochs}: BN frozen for the last "
+                f"{config.freeze_bn_epochs} epoch(s), with statistics recomputed from "
+                f"{images} training images (PreciseBN)", flush=True)
         sums = _epoch_sums(meta, start)
-        state, train = _train_epoch(run, state, epoch, start, sums, last)
-        test = steps.evaluate(run.eval_step, state, run.arrays[2], run.arrays[3],
-                              run.eval_batch_size, run.mesh)
+        state, train = _train_epoch(run, state, epoch, start, sums, last,
+                                    run.frozen_step if frozen else run.train_step)
+        test = _test(run, state)
         step = int(state.step)
         if not (math.isfinite(test["loss"]) and steps.is_finite(state)):
             raise DivergedError(
@@ -393,11 +448,19 @@ def _train(run: _Run) -> dict[str, Any]:
                 f"finite after step {step} (epoch {epoch + 1}); stopped without saving. "
                 f"{_last_good(last)} Try a lower --lr (got {config.lr})."
             )
-        rows.append({"epoch": round(step / spe, 6), "step": step, **train,
-                     "test_loss": test["loss"], "test_accuracy": test["accuracy"],
-                     "lr": float(steps.make_schedule(config, spe)(step - 1)),
+        row = {"epoch": round(step / spe, 6), "step": step, **train,
+               "test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+        precise = None
+        if config.precise_bn:
+            precise = state.batch_stats if frozen else _precise(run, state, epoch,
+                                                                config.precise_bn)
+            test = test if frozen else _test(run, state, precise)
+            row.update(precise_test_loss=test["loss"], precise_test_accuracy=test["accuracy"])
+        if config.freeze_bn_epochs:
+            row["bn_frozen"] = frozen
+        rows.append({**row, "lr": float(steps.make_schedule(config, spe)(step - 1)),
                      "dataset": run.ds.name})
-        meta, last = _record(run, state, rng, rows, sums)
+        meta, last = _record(run, state, rng, rows, sums, precise)
     return {**meta["metrics"], "checkpoint": str(last)}
 
 
