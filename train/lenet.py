@@ -7,7 +7,7 @@ and multi-process runs), and this ``main``. Data parallelism over ``--devices N`
 several processes join with ``--coordinator/--num-processes/--process-id``
 (:mod:`train.distributed`). The last line printed is a summary such as::
 
-    final: epochs=5 steps=2340 test_accuracy=0.9123 test_loss=0.2500 seconds=140.2 ...
+    final: epochs=5 steps=2340 test_accuracy=0.9115 test_loss=0.2410 train_accuracy=0.9496 ...
 
 A fresh program first keeps freed memory in its heap (:func:`train.runtime.tune_allocator`:
 without it, XLA:CPU's per-step buffers are page-faulted in anew on every step).
