@@ -487,3 +487,26 @@ def fmt(value: float | None, spec: str = ".2f", width: int = 0) -> str:
     """Formats a number, or ``-`` for ``None``, right-aligned in ``width``."""
     text = "-" if value is None else format(value, spec)
     return f"{text:>{width}}"
+
+
+def strip_flags(argv: list[str], *flags: str) -> list[str]:
+    """``argv`` without ``flags`` and their values (``--f v`` and ``--f=v`` forms).
+
+    What a parent passes on to the fresh processes of :func:`run_processes`.
+
+    Example:
+        >>> strip_flags(["--quick", "--json", "x.json", "--processes=3"], "--processes", "--json")
+        ['--quick']
+    """
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in flags:
+            skip = True
+            continue
+        if any(a.startswith(f + "=") for f in flags):
+            continue
+        out.append(a)
+    return out

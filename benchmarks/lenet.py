@@ -310,22 +310,6 @@ def markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _strip(argv: list[str], *flags: str) -> list[str]:
-    """``argv`` without ``flags`` and their values (``--f v`` and ``--f=v`` forms)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in flags:
-            skip = True
-            continue
-        if any(a.startswith(f + "=") for f in flags):
-            continue
-        out.append(a)
-    return out
-
-
 def _write(data: dict[str, Any], path: Path) -> None:
     print_table(data)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -392,7 +376,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--convs: expected at least one of fast,flax")
 
     if args.processes > 1:
-        child = _strip(list(argv if argv is not None else sys.argv[1:]), "--processes", "--json")
+        child = harness.strip_flags(list(argv if argv is not None else sys.argv[1:]),
+                                    "--processes", "--json")
         data = merge(harness.run_processes("benchmarks.lenet", child, args.processes))
         _write(data, args.json)
         return data

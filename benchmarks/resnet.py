@@ -517,7 +517,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     if args.processes > 1:
         child = [a for a in (argv if argv is not None else sys.argv[1:])]
-        child = _strip(child, "--processes", "--json")
+        child = harness.strip_flags(child, "--processes", "--json")
         data = merge(harness.run_processes("benchmarks.resnet", child, args.processes))
         _write(data, args.json)
         return data
@@ -573,22 +573,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     data = {"meta": meta, "results": records}
     _write(data, args.json)
     return data
-
-
-def _strip(argv: list[str], *flags: str) -> list[str]:
-    """``argv`` without ``flags`` and their values (``--f v`` and ``--f=v`` forms)."""
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-            continue
-        if a in flags:
-            skip = True
-            continue
-        if any(a.startswith(f + "=") for f in flags):
-            continue
-        out.append(a)
-    return out
 
 
 def _write(data: dict[str, Any], path: Path) -> None:

@@ -86,7 +86,7 @@ def test_calibrate_and_summary(monkeypatch):
 
 def test_strip_removes_flags_and_values():
     argv = ["--quick", "--processes", "3", "--json=x.json", "--models", "resnet18"]
-    assert resnet._strip(argv, "--processes", "--json") == ["--quick", "--models", "resnet18"]
+    assert harness.strip_flags(argv, "--processes", "--json") == ["--quick", "--models", "resnet18"]
 
 
 def test_resnet_quick_end_to_end(tmp_path):
