@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -510,3 +511,29 @@ def strip_flags(argv: list[str], *flags: str) -> list[str]:
             continue
         out.append(a)
     return out
+
+
+def add_model_args(ap: argparse.ArgumentParser, json_default: Path) -> None:
+    """The options the training-step benchmarks (LeNet, ResNet) share.
+
+    ``--max-inner``, ``--processes`` (fresh processes, merged), ``--threads``, ``--malloc``
+    (the training program's allocator settings or glibc's), ``--no-torch``, ``--json`` (default
+    ``json_default``) and ``--show`` (print saved results, measure nothing).
+
+    Example:
+        >>> ap = argparse.ArgumentParser()
+        >>> add_model_args(ap, Path("out.json"))
+        >>> args = ap.parse_args(["--processes", "3"])
+        >>> args.processes, args.malloc, args.json.name
+        (3, 'tuned', 'out.json')
+    """
+    ap.add_argument("--max-inner", type=int, default=20, help="steps per sample, at most")
+    ap.add_argument("--processes", type=int, default=1,
+                    help="repeat in this many fresh processes and merge (median of medians)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads for both sides")
+    ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
+                    help="tuned: the training program's allocator settings (train.runtime)")
+    ap.add_argument("--no-torch", action="store_true", help="skip PyTorch")
+    ap.add_argument("--json", type=Path, default=json_default, help="output JSON path")
+    ap.add_argument("--show", type=Path, nargs="+", default=None, metavar="JSON",
+                    help="measure nothing: print the tables of these saved results")

@@ -488,16 +488,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps of each implementation")
     ap.add_argument("--sample-ms", type=float, default=None,
                     help="minimum length of one timing sample (default 1 on CPU, 50 on GPU)")
-    ap.add_argument("--max-inner", type=int, default=20, help="steps per sample, at most")
-    ap.add_argument("--processes", type=int, default=1,
-                    help="repeat in this many fresh processes and merge (median of medians)")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads for both sides")
-    ap.add_argument("--malloc", choices=("tuned", "default"), default="tuned",
-                    help="tuned: the training program's allocator settings (train.runtime)")
-    ap.add_argument("--no-torch", action="store_true", help="skip PyTorch")
-    ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help="output JSON path")
-    ap.add_argument("--show", type=Path, nargs="+", default=None, metavar="JSON",
-                    help="measure nothing: print the tables of these saved results")
+    harness.add_model_args(ap, DEFAULT_JSON)
     args = ap.parse_args(argv)
     if args.show:
         return show(args.show)
