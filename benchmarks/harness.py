@@ -537,3 +537,21 @@ def add_model_args(ap: argparse.ArgumentParser, json_default: Path) -> None:
     ap.add_argument("--json", type=Path, default=json_default, help="output JSON path")
     ap.add_argument("--show", type=Path, nargs="+", default=None, metavar="JSON",
                     help="measure nothing: print the tables of these saved results")
+
+
+def torch_for(platform: str) -> tuple[Any, str | None]:
+    """PyTorch and its device name for JAX's ``platform`` (``"cpu"``, ``"gpu"``), if usable.
+
+    Returns:
+        ``(torch, "cpu" | "cuda")``, or ``(None, None)`` when torch is missing or has no device
+        for that platform.
+    """
+    try:
+        import torch
+    except ImportError:
+        return None, None
+    if platform == "cpu":
+        return torch, "cpu"
+    if platform == "gpu" and torch.cuda.is_available():
+        return torch, "cuda"
+    return None, None

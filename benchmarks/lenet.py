@@ -154,18 +154,6 @@ def torch_step(torch: Any, device: str, batch: int, peer: str,
     return run, info
 
 
-def _torch_for(platform: str) -> tuple[Any, str | None]:
-    try:
-        import torch
-    except ImportError:
-        return None, None
-    if platform == "cpu":
-        return torch, "cpu"
-    if platform == "gpu" and torch.cuda.is_available():
-        return torch, "cuda"
-    return None, None
-
-
 def run_batch(batch: int, args: argparse.Namespace, torch: Any, device: str | None,
               guard: harness.LoadGuard) -> dict[str, Any]:
     """Builds every contender at one batch size and times them, interleaved."""
@@ -380,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     import jax
 
     platform = jax.devices()[0].platform
-    torch, device = (None, None) if args.no_torch else _torch_for(platform)
+    torch, device = (None, None) if args.no_torch else harness.torch_for(platform)
     meta: dict[str, Any] = {"machine": harness.machine_info(),
                             "threads": harness.thread_settings(threads), "malloc": malloc,
                             "args": {k: (str(v) if isinstance(v, Path) else v)

@@ -461,18 +461,6 @@ def show(paths: Sequence[Path]) -> dict[str, Any]:
     return data
 
 
-def _torch_for(platform: str) -> tuple[Any, str | None]:
-    try:
-        import torch
-    except ImportError:
-        return None, None
-    if platform == "cpu":
-        return torch, "cpu"
-    if platform == "gpu" and torch.cuda.is_available():
-        return torch, "cuda"
-    return None, None
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -522,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     platform = jax.devices()[0].platform
     if args.sample_ms is None:
         args.sample_ms = 1.0 if platform == "cpu" else 50.0
-    torch_mod, torch_dev = (None, None) if args.no_torch else _torch_for(platform)
+    torch_mod, torch_dev = (None, None) if args.no_torch else harness.torch_for(platform)
     meta: dict[str, Any] = {"machine": harness.machine_info(),
                             "threads": harness.thread_settings(threads), "malloc": malloc,
                             "args": {k: (str(v) if isinstance(v, Path) else v)
