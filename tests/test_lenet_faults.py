@@ -328,11 +328,15 @@ def test_repeated_ctrl_c_during_the_first_save_tells_the_truth(idx_dir, tmp_path
     def press_ctrl_c_five_times():
         for _ in range(5):
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
+            time.sleep(0.1)
 
     def on_step(epoch, step):
         if step == SPE + 1:  # The first checkpoint's save has just started.
             threading.Thread(target=press_ctrl_c_five_times).start()
+            # The training waits here for the first press (however long the machine takes to
+            # run the thread); the other four come while the save is being finished.
+            time.sleep(60)
+            raise AssertionError("Ctrl-C did not interrupt the training")
 
     monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", slow_save)
     original_run = lenet.train_and_evaluate
