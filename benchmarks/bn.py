@@ -252,13 +252,9 @@ def _inputs(shape, dtype_name, seed=0):
     return x, p, s, g
 
 
-def run_config(shape, dtype_name, args, jax_impls, torch_mod, torch_dev, guard) -> dict:
-    x, p, s, g = _inputs(shape, dtype_name)
-    nbytes = x.size * x.dtype.itemsize
-    rec: dict[str, Any] = {"shape": list(shape), "dtype": dtype_name, "bytes": nbytes}
-
-    calls = {"fwd": {}, "fwdbwd": {}}
-    t0 = time.perf_counter()
+def _calls(x, p, s, g, dtype_name, args, jax_impls, torch_mod, torch_dev) -> dict:
+    """Each implementation's forward and forward+backward call (compiled), and the copy."""
+    calls: dict[str, dict[str, Any]] = {"fwd": {}, "fwdbwd": {}}
     for name, fn in jax_impls.items():
         f, fb = _fwd(fn), _fwdbwd(fn)
         calls["fwd"][name] = functools.partial(lambda f: _block(f(x, p, s)), f)
@@ -269,57 +265,72 @@ def run_config(shape, dtype_name, args, jax_impls, torch_mod, torch_dev, guard) 
     if torch_mod is not None and not (dtype_name == "bfloat16" and args.no_torch_bf16):
         x_np = np.asarray(x.astype(jnp.float32))
         g_np = np.asarray(g.astype(jnp.float32))
-        for name, (tf, tfb) in _torch_impls(torch_mod, torch_dev, shape, dtype_name, x_np,
+        for name, (tf, tfb) in _torch_impls(torch_mod, torch_dev, x.shape, dtype_name, x_np,
                                             g_np).items():
             calls["fwd"][name] = tf
             calls["fwdbwd"][name] = tfb
     for d in calls.values():  # compile outside the timed rounds
         for c in d.values():
             c()
-    rec["setup_s"] = round(time.perf_counter() - t0, 2)
+    return calls
 
+
+def _summary(meas: harness.Interleaved, mode: str, nbytes: int, guard) -> dict:
+    """Medians, ratios to jaxbn and memory-traffic floors of one mode's measurement."""
+    times, pair = meas.times, meas.ratios
+    med = {k: statistics.median(v) for k, v in times.items()}
+    res: dict[str, Any] = {"median_ms": {k: v * 1e3 for k, v in med.items()}}
+    res["faults_per_call"] = {k: statistics.median(v) for k, v in meas.faults.items()}
+    res["reliable"] = all(f <= guard.max_foreign_cores for f in meas.foreign_cores)
+    torch_names = [k for k in med if k.startswith("torch_")]
+    if torch_names:
+        best = min(torch_names, key=med.get)
+        res["torch_best"] = best
+        pair["torch_best"] = pair[best]
+    # jaxbn / peer, the median over rounds of the ratio to the adjacent jaxbn samples.
+    res["ratio"] = {k: statistics.median(v) for k, v in pair.items()}
+    res["ratio_iqr"] = {k: [harness.quantile(v, 0.25), harness.quantile(v, 0.75)]
+                        for k, v in pair.items()}
+    # Memory-traffic floors from the copy's bandwidth (see the module docstring).
+    tensors = 3 if mode == "fwd" else 8
+    bw = 2 * nbytes / med["copy"]
+    floor = tensors * nbytes / bw
+    res["copy_GBps"] = bw / 1e9
+    res["floor_ms"] = floor * 1e3
+    res["floor_frac"] = {k: floor / v for k, v in med.items() if k != "copy"}
+    res["GBps"] = {k: tensors * nbytes / v / 1e9 for k, v in med.items() if k != "copy"}
+    return res
+
+
+def _memory_record(jax_impls, x, p, s, g) -> dict:
+    """Compiled temporary and residual memory of each JAX implementation, and jaxbn's ratios."""
+    memory = {name: _memory(fn, x, p, s, g) for name, fn in jax_impls.items()}
+    if "flax_fast" in memory:
+        j = memory["jaxbn"]
+        for peer in ("flax_fast", "flax_2pass"):
+            f = memory.get(peer)
+            if f:
+                memory[f"jaxbn/{peer}"] = {
+                    k: (j[k] / f[k] if f[k] else None)
+                    for k in ("temp_bytes", "vjp_temp_bytes", "residual_bytes",
+                              "residual_extra_bytes")}
+    return memory
+
+
+def run_config(shape, dtype_name, args, jax_impls, torch_mod, torch_dev, guard) -> dict:
+    x, p, s, g = _inputs(shape, dtype_name)
+    nbytes = x.size * x.dtype.itemsize
+    rec: dict[str, Any] = {"shape": list(shape), "dtype": dtype_name, "bytes": nbytes}
+    t0 = time.perf_counter()
+    calls = _calls(x, p, s, g, dtype_name, args, jax_impls, torch_mod, torch_dev)
+    rec["setup_s"] = round(time.perf_counter() - t0, 2)
     for mode in ("fwd", "fwdbwd"):
         meas = harness.interleaved(calls[mode], "jaxbn", rounds=args.repeats,
                                    warmup=args.warmup, sample_s=args.sample_ms / 1e3,
                                    max_inner=args.max_inner, guard=guard,
                                    label=f"{_fmt_shape(shape)} {dtype_name} {mode}")
-        times, pair = meas.times, meas.ratios
-        med = {k: statistics.median(v) for k, v in times.items()}
-        res: dict[str, Any] = {"median_ms": {k: v * 1e3 for k, v in med.items()}}
-        res["faults_per_call"] = {k: statistics.median(v) for k, v in meas.faults.items()}
-        res["reliable"] = all(f <= guard.max_foreign_cores for f in meas.foreign_cores)
-        torch_names = [k for k in med if k.startswith("torch_")]
-        if torch_names:
-            best = min(torch_names, key=med.get)
-            res["torch_best"] = best
-            pair["torch_best"] = pair[best]
-        # jaxbn / peer, the median over rounds of the ratio to the adjacent jaxbn samples.
-        res["ratio"] = {k: statistics.median(v) for k, v in pair.items()}
-        res["ratio_iqr"] = {k: [harness.quantile(v, 0.25), harness.quantile(v, 0.75)]
-                            for k, v in pair.items()}
-        # Memory-traffic floors from the copy's bandwidth (see the module docstring).
-        tensors = 3 if mode == "fwd" else 8
-        bw = 2 * nbytes / med["copy"]
-        floor = tensors * nbytes / bw
-        res["copy_GBps"] = bw / 1e9
-        res["floor_ms"] = floor * 1e3
-        res["floor_frac"] = {k: floor / v for k, v in med.items() if k != "copy"}
-        res["GBps"] = {k: tensors * nbytes / v / 1e9 for k, v in med.items() if k != "copy"}
-        rec[mode] = res
-
-    rec["memory"] = {}
-    if not args.no_memory:
-        for name, fn in jax_impls.items():
-            rec["memory"][name] = _memory(fn, x, p, s, g)
-        if "flax_fast" in rec["memory"]:
-            j = rec["memory"]["jaxbn"]
-            for peer in ("flax_fast", "flax_2pass"):
-                f = rec["memory"].get(peer)
-                if f:
-                    rec["memory"][f"jaxbn/{peer}"] = {
-                        k: (j[k] / f[k] if f[k] else None)
-                        for k in ("temp_bytes", "vjp_temp_bytes", "residual_bytes",
-                                  "residual_extra_bytes")}
+        rec[mode] = _summary(meas, mode, nbytes, guard)
+    rec["memory"] = {} if args.no_memory else _memory_record(jax_impls, x, p, s, g)
     return rec
 
 
@@ -396,7 +407,7 @@ def _parse_shapes(text: str) -> list[tuple[int, ...]]:
     return shapes
 
 
-def main(argv=None) -> int:
+def _parse(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
@@ -416,20 +427,19 @@ def main(argv=None) -> int:
     ap.add_argument("--no-memory", action="store_true", help="skip the memory analysis")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for both sides")
     args = ap.parse_args(argv)
-    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
-    dtypes = args.dtypes.split(",") if args.dtypes else DTYPES
-    for d in dtypes:
+    for d in args.dtypes.split(",") if args.dtypes else DTYPES:
         if d not in DTYPES:
             raise SystemExit(f"--dtypes: expected some of {DTYPES}, got {d!r}")
     if args.repeats is None:
         args.repeats = 7 if args.quick else 15
     if args.sample_ms is None:
         args.sample_ms = 5.0 if args.quick else 20.0
+    return args
 
-    # Before JAX's CPU backend starts and before torch is imported (below).
-    threads = harness.configure_threads(args.threads)
+
+def _meta(args, threads, torch_mod, torch_dev) -> dict:
+    """The run's description saved with its results: machine, threads, versions, arguments."""
     dev = jax.devices()[0]
-    torch_mod, torch_dev = (None, None) if args.no_torch else _torch_device(dev.platform)
     meta = {
         "machine": harness.machine_info(), "threads": harness.thread_settings(threads),
         "device": str(dev), "platform": dev.platform,
@@ -447,6 +457,18 @@ def main(argv=None) -> int:
         meta["flax"] = flax.__version__
     except ImportError:  # pragma: no cover
         pass
+    return meta
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    shapes = args.shapes or (QUICK_SHAPES if args.quick else SHAPES)
+    dtypes = args.dtypes.split(",") if args.dtypes else DTYPES
+    # Before JAX's CPU backend starts and before torch is imported (below).
+    threads = harness.configure_threads(args.threads)
+    torch_mod, torch_dev = ((None, None) if args.no_torch
+                            else _torch_device(jax.devices()[0].platform))
+    meta = _meta(args, threads, torch_mod, torch_dev)
     print(f"# {harness.machine_name(meta['machine'])}  threads {threads}  jax {jax.__version__}"
           f"  flax {meta.get('flax')}  torch {meta['torch']} ({torch_dev})", flush=True)
 

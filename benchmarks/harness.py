@@ -555,3 +555,35 @@ def torch_for(platform: str) -> tuple[Any, str | None]:
     if platform == "gpu" and torch.cuda.is_available():
         return torch, "cuda"
     return None, None
+
+
+def start_model_run(args: argparse.Namespace) -> tuple[dict[str, Any], int, str, Any, str | None]:
+    """The set-up the training-step benchmarks share, in the order it must happen.
+
+    Applies ``--malloc`` and ``--threads`` before JAX's CPU backend starts, then finds PyTorch
+    for JAX's platform (unless ``--no-torch``) and pins its threads on CPU.
+
+    Returns:
+        ``(meta, threads, platform, torch, torch_device)``: ``meta`` holds the machine, thread and
+        allocator settings and the arguments (JSON-ready); ``torch`` is ``None`` when it is not
+        timed.
+    """
+    from train import runtime
+
+    malloc = runtime.tune_allocator() if args.malloc == "tuned" else {}
+    threads = configure_threads(args.threads)
+    import jax
+
+    platform = jax.devices()[0].platform
+    torch, device = (None, None) if args.no_torch else torch_for(platform)
+    meta: dict[str, Any] = {"machine": machine_info(), "threads": thread_settings(threads),
+                            "malloc": malloc,
+                            "args": {k: (str(v) if isinstance(v, Path) else v)
+                                     for k, v in vars(args).items()}}
+    if torch is not None:
+        meta["torch"] = torch.__version__
+        meta["torch_device"] = device
+        if device == "cpu":
+            meta["threads"].update(pin_torch(torch, threads))
+    return meta, threads, platform, torch, device
+

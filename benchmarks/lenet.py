@@ -361,26 +361,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         _write(data, args.json)
         return data
 
-    from train import runtime
-
-    malloc = runtime.tune_allocator() if args.malloc == "tuned" else {}
-    threads = harness.configure_threads(args.threads, wait_policy=None)
+    meta, threads, _, torch, device = harness.start_model_run(args)
     import jax
 
-    platform = jax.devices()[0].platform
-    torch, device = (None, None) if args.no_torch else harness.torch_for(platform)
-    meta: dict[str, Any] = {"machine": harness.machine_info(),
-                            "threads": harness.thread_settings(threads), "malloc": malloc,
-                            "args": {k: (str(v) if isinstance(v, Path) else v)
-                                     for k, v in vars(args).items()}}
-    if torch is not None:
-        meta["torch"] = torch.__version__
-        meta["torch_device"] = device
-        if device == "cpu":
-            meta["threads"].update(harness.pin_torch(torch, threads))
     print(f"# {harness.machine_name(meta['machine'])}; jax {jax.__version__}, torch "
-          f"{meta.get('torch')} ({device}); {threads} threads; malloc {malloc or 'default'}",
-          flush=True)
+          f"{meta.get('torch')} ({device}); {threads} threads; "
+          f"malloc {meta['malloc'] or 'default'}", flush=True)
     guard = harness.LoadGuard()
     meta["probe"] = guard.probe()
     records = []

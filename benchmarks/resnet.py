@@ -461,7 +461,7 @@ def show(paths: Sequence[Path]) -> dict[str, Any]:
     return data
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true",
@@ -478,61 +478,45 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     help="minimum length of one timing sample (default 1 on CPU, 50 on GPU)")
     harness.add_model_args(ap, DEFAULT_JSON)
     args = ap.parse_args(argv)
-    if args.show:
-        return show(args.show)
     if args.quick:
         args.width, args.blocks = QUICK["width"], QUICK["blocks"]
         args.size, args.batch = args.size or QUICK["size"], args.batch or QUICK["batch"]
         args.rounds = args.rounds or 2
     args.rounds = args.rounds or 5
-    models = [m for m in args.models.split(",") if m]
-    dtypes = [d for d in args.dtypes.split(",") if d]
-    for m in models:
-        if m not in SPECS:
-            raise SystemExit(f"--models: expected some of {list(SPECS)}, got {m!r}")
-    for d in dtypes:
-        if d not in DTYPES:
-            raise SystemExit(f"--dtypes: expected some of {list(DTYPES)}, got {d!r}")
+    for flag, allowed in (("models", SPECS), ("dtypes", DTYPES)):
+        for name in getattr(args, flag).split(","):
+            if name and name not in allowed:
+                raise SystemExit(f"--{flag}: expected some of {list(allowed)}, got {name!r}")
+    return args
 
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = _parse(argv)
+    if args.show:
+        return show(args.show)
     if args.processes > 1:
-        child = [a for a in (argv if argv is not None else sys.argv[1:])]
-        child = harness.strip_flags(child, "--processes", "--json")
+        child = harness.strip_flags(list(argv if argv is not None else sys.argv[1:]),
+                                    "--processes", "--json")
         data = merge(harness.run_processes("benchmarks.resnet", child, args.processes))
         _write(data, args.json)
         return data
 
-    from train import runtime
-
-    malloc = runtime.tune_allocator() if args.malloc == "tuned" else {}
-    threads = harness.configure_threads(args.threads)
-    import jax
-
-    platform = jax.devices()[0].platform
+    meta, threads, platform, torch_mod, torch_dev = harness.start_model_run(args)
     if args.sample_ms is None:
-        args.sample_ms = 1.0 if platform == "cpu" else 50.0
-    torch_mod, torch_dev = (None, None) if args.no_torch else harness.torch_for(platform)
-    meta: dict[str, Any] = {"machine": harness.machine_info(),
-                            "threads": harness.thread_settings(threads), "malloc": malloc,
-                            "args": {k: (str(v) if isinstance(v, Path) else v)
-                                     for k, v in vars(args).items()}}
-    if torch_mod is not None:
-        meta["torch"] = torch_mod.__version__
-        meta["torch_device"] = torch_dev
-        if torch_dev == "cpu":
-            meta["threads"].update(harness.pin_torch(torch_mod, threads))
+        args.sample_ms = meta["args"]["sample_ms"] = 1.0 if platform == "cpu" else 50.0
     import flax
+    import jax
 
     meta["flax"] = flax.__version__
     print(f"# {harness.machine_name(meta['machine'])}; jax {jax.__version__}, flax "
           f"{flax.__version__}, torch {meta.get('torch')} ({torch_dev}); {threads} threads; "
-          f"malloc {malloc or 'default'}",
-          flush=True)
+          f"malloc {meta['malloc'] or 'default'}", flush=True)
     guard = harness.LoadGuard()
     meta["probe"] = guard.probe()
-    records = []
+    records: list[dict[str, Any]] = []
     t_start = time.perf_counter()
-    for name in models:
-        for dtype_name in dtypes:
+    for name in filter(None, args.models.split(",")):
+        for dtype_name in filter(None, args.dtypes.split(",")):
             t0 = time.perf_counter()
             rec = run_config(name, dtype_name, args, torch_mod, torch_dev, guard)
             records.append(rec)
@@ -545,10 +529,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                   f"time ratio /flax {rec['ratio']['flax']['median']:.3f}, temp "
                   f"{rec['temp_ratio']:.2f}x flax's  ({time.perf_counter() - t0:.0f} s)",
                   flush=True)
-    meta["total_s"] = round(time.perf_counter() - t_start, 1)
-    meta["guard"] = guard.report()
+    meta.update(total_s=round(time.perf_counter() - t_start, 1), guard=guard.report(),
+                complete=True)
     meta["reliable"] = meta["guard"]["reliable"]
-    meta["complete"] = True
     data = {"meta": meta, "results": records}
     _write(data, args.json)
     return data
