@@ -735,17 +735,7 @@ def _local_sums(
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape) if not red else mask
     if not red or math.prod(x.shape[a] for a in red) == 0:
-        # Nothing to reduce: each element is its own batch (count 1, variance 0), or there
-        # is no element at all (count 0, and mean and variance 0 by convention).
-        zeros = jnp.zeros(fshape, sdt)
-        if red:
-            return jnp.zeros(fshape, rdt), zeros, jnp.zeros(fshape, rdt)
-        keep = jnp.ones(fshape, bool) if mask is None else jnp.broadcast_to(mask, fshape)
-        xs = jnp.where(keep, x.astype(sdt), 0)
-        n = keep.astype(rdt)
-        if fast_variance:
-            return n, xs, _abs2(xs)
-        return n, xs, jnp.zeros(fshape, rdt)
+        return _trivial_sums(x, red, mask, fast_variance, fshape)
     if mask is None:
         n = jnp.full(fshape, math.prod(x.shape[a] for a in red) * fold, rdt)
         if fast_variance:
@@ -765,7 +755,33 @@ def _local_sums(
         mean = shift + sd / n
         m2 = jnp.maximum(sdd - _abs2(sd) / n, 0)
         return n, mean, m2
+    return _masked_sums(x, red, mask, fast_variance)
 
+
+def _trivial_sums(x: Array, red: tuple[int, ...], mask: Array | None, fast_variance: bool,
+                  fshape: tuple[int, ...]) -> tuple[Array, Array, Array]:
+    """:func:`_local_sums` with nothing to reduce.
+
+    Each element is its own batch (count 1, variance 0), or there is no element at all
+    (count 0, and mean and variance 0 by convention).
+    """
+    sdt = _stats_dtype(x.dtype)
+    rdt = _real_dtype(sdt)
+    if red:
+        return jnp.zeros(fshape, rdt), jnp.zeros(fshape, sdt), jnp.zeros(fshape, rdt)
+    keep = jnp.ones(fshape, bool) if mask is None else jnp.broadcast_to(mask, fshape)
+    xs = jnp.where(keep, x.astype(sdt), 0)
+    n = keep.astype(rdt)
+    if fast_variance:
+        return n, xs, _abs2(xs)
+    return n, xs, jnp.zeros(fshape, rdt)
+
+
+def _masked_sums(x: Array, red: tuple[int, ...], mask: Array, fast_variance: bool
+                 ) -> tuple[Array, Array, Array]:
+    """:func:`_local_sums` with a mask (the same ``(n, a, b)``), over a non-empty batch."""
+    sdt = _stats_dtype(x.dtype)
+    rdt = _real_dtype(sdt)
     # Masked: every sum gets its own x and (unbroadcast) mask. XLA:CPU's reduction fusions
     # do not absorb the select, so each masked sum still materializes its input once.
     def msums(c: Array | None, *fs: Callable[[Array], Array]) -> list[Array]:
