@@ -339,11 +339,17 @@ def test_repeated_ctrl_c_during_the_first_save_tells_the_truth(idx_dir, tmp_path
             raise AssertionError("Ctrl-C did not interrupt the training")
 
     monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", slow_save)
+    # Ctrl-C as in a terminal: a session started in the background (`pytest &`) inherits
+    # SIGINT ignored, and Python then installs no handler for it.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     original_run = lenet.train_and_evaluate
     monkeypatch.setattr(lenet, "train_and_evaluate",
                         lambda *a, **k: original_run(*a, on_step=on_step, **k))
     workdir = tmp_path / "w"
-    code, out, err = _main(capsys, *_args(idx_dir, workdir))
+    try:
+        code, out, err = _main(capsys, *_args(idx_dir, workdir))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     monkeypatch.undo()
     assert code == EXIT_INTERRUPTED
     assert "cannot schedule new futures" not in out + err
