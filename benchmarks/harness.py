@@ -560,8 +560,9 @@ def torch_for(platform: str) -> tuple[Any, str | None]:
 def start_model_run(args: argparse.Namespace) -> tuple[dict[str, Any], int, str, Any, str | None]:
     """The set-up the training-step benchmarks share, in the order it must happen.
 
-    Applies ``--malloc`` and ``--threads`` before JAX's CPU backend starts, then finds PyTorch
-    for JAX's platform (unless ``--no-torch``) and pins its threads on CPU.
+    Applies ``--malloc`` and ``--threads`` before JAX's CPU backend starts, turns JAX's
+    persistent compilation cache off (compile times are a first compile's), then finds
+    PyTorch for JAX's platform (unless ``--no-torch``) and pins its threads on CPU.
 
     Returns:
         ``(meta, threads, platform, torch, torch_device)``: ``meta`` holds the machine, thread and
@@ -574,6 +575,8 @@ def start_model_run(args: argparse.Namespace) -> tuple[dict[str, Any], int, str,
     threads = configure_threads(args.threads)
     import jax
 
+    # Compile times are a first compile's: never loaded from a persistent cache.
+    jax.config.update("jax_enable_compilation_cache", False)
     platform = jax.devices()[0].platform
     torch, device = (None, None) if args.no_torch else torch_for(platform)
     meta: dict[str, Any] = {"machine": machine_info(), "threads": thread_settings(threads),

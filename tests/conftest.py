@@ -1,6 +1,9 @@
-"""Test set-up: eight fake CPU devices, configured before JAX initializes its backends."""
+"""Test set-up: eight fake CPU devices and a compilation cache for the session, configured
+before JAX initializes its backends."""
 
 import os
+
+from tests import compile_cache
 
 NUM_DEVICES = 8
 
@@ -8,6 +11,7 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={NUM_DEVICES}"
 )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+compile_cache.enable()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -33,6 +33,7 @@ import jax
 import numpy as np
 import pytest
 
+from tests import compile_cache
 from tests import multihost_worker as worker
 from tests.synthetic import learnable_images
 from train import distributed, idx, lenet
@@ -71,6 +72,7 @@ def _env(**extra: str) -> dict[str, str]:
         and "proxy" not in k.lower()
     }
     env.update(
+        compile_cache.variables(),
         XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
         JAX_PLATFORMS="cpu",
         PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),

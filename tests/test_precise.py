@@ -20,6 +20,7 @@ import jaxbn
 import jaxbn.linen
 import jaxbn.nnx
 from jaxbn import precise, precise_linen, precise_nnx
+from tests import compile_cache
 
 # float32 statistics of a few thousand values against float64 ones (relative).
 RTOL = 2e-6
@@ -443,7 +444,7 @@ def test_two_processes_equal_one(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("XLA_", "JAX_")) and "proxy" not in k.lower()}
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=str(repo))
+    env.update(compile_cache.variables(), JAX_PLATFORMS="cpu", PYTHONPATH=str(repo))
     procs = [subprocess.Popen([sys.executable, worker.__file__, f"127.0.0.1:{port}", str(i),
                                str(tmp_path / f"p{i}.npz")], env=env, cwd=repo,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
