@@ -48,7 +48,7 @@ from train.distributed import AXIS
 from train.model import LeNet
 from train.runner import Runner
 
-__all__ = ["EXPERIMENTS", "jitter", "steps_to_reach"]
+__all__ = ["EXPERIMENTS"]
 
 #: The running averages' decay of the frozen_bn runs (PyTorch's default ``momentum=0.1``).
 BN_MOMENTUM = 0.9
@@ -66,29 +66,6 @@ class _Weights(NamedTuple):
 
     params: Any
     batch_stats: Any
-
-
-def jitter(curve: Sequence[float]) -> float:
-    """Mean absolute change between consecutive values of the curve's second half (at least
-    its last two values; NaN for fewer than two).
-
-    Example:
-        >>> round(jitter([0.1, 0.5, 0.80, 0.82, 0.80, 0.83]), 6)
-        0.025
-    """
-    tail = np.asarray(curve, np.float64)[min(len(curve) // 2, len(curve) - 2):]
-    return float(np.mean(np.abs(np.diff(tail)))) if len(tail) > 1 else math.nan
-
-
-def steps_to_reach(steps_: Sequence[int], curve: Sequence[float], target: float) -> float:
-    """The first step at which ``curve`` reaches ``target`` (NaN if it never does).
-
-    Example:
-        >>> steps_to_reach([0, 10, 20], [0.1, 0.7, 0.9], 0.7)
-        10.0
-    """
-    hit = np.nonzero(np.asarray(curve) >= target)[0]
-    return float(steps_[hit[0]]) if len(hit) else math.nan
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,15 +132,6 @@ def _precise(runner: Runner, model: LeNet, weights: _Weights, batches: list[np.n
 def _copy(tree: Any) -> Any:
     """A copy of a carry that an epoch is about to donate."""
     return jax.tree.map(jnp.copy, tree)
-
-
-def _cell(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return "diverged"
-    cell = report.pm(finite, scale, digits)
-    return cell if len(finite) == len(values) else \
-        f"{cell} ({len(values) - len(finite)}/{len(values)} diverged)"
 
 
 def _epochs(runner: Runner, epoch_fn: scanned.EpochFn, carry: scanned.Carry,
@@ -287,9 +255,10 @@ def ema_vs_precise(runner: Runner, p: Any, seeds: Sequence[int]):
             curves = [r["ema"][key] if key != "precise" else r["precise"] for r in runs]
             final = _final(runs, "precise" if key == "precise" else "ema",
                            None if key == "precise" else key)
-            cells.append(_cell(final))
+            cells.append(report.runs_cell(final))
             ok = [c for c, r in zip(curves, runs, strict=True) if not r["diverged"]]
-            jitters.append(report.pm([jitter(c) for c in ok], 100.0, 2) if ok else "diverged")
+            jitters.append(report.pm([report.jitter(c) for c in ok], 100.0, 2) if ok
+                           else "diverged")
             if b == largest and ok:
                 report.band(ax_curve, epochs, [100 * np.asarray(c) for c in ok], labels[key],
                             color=colors[key], marker=".", ms=3)
@@ -298,12 +267,8 @@ def ema_vs_precise(runner: Runner, p: Any, seeds: Sequence[int]):
     for key in (*p.pb_momenta, "precise"):
         finals = [_final(results[b], "precise" if key == "precise" else "ema",
                          None if key == "precise" else key) for b in p.pb_batch_sizes]
-        mean = [np.nanmean(100 * np.asarray(f)) if np.isfinite(f).any() else np.nan
-                for f in finals]
-        std = [np.nanstd(100 * np.asarray(f), ddof=1) if np.isfinite(f).sum() > 1 else 0.0
-               for f in finals]
-        ax_batch.errorbar(p.pb_batch_sizes, mean, yerr=std, label=labels[key],
-                          color=colors[key], marker="o", ms=3, capsize=2, lw=1.2)
+        report.nan_errorbar(ax_batch, p.pb_batch_sizes, [100 * np.asarray(f) for f in finals],
+                            labels[key], color=colors[key])
     plateau_table, needed = _plateau(p, results)
     for i, (b, runs) in enumerate(results.items()):
         sizes = [m for m in p.pb_sample_sizes if any(m in r["plateau"] for r in runs)]
@@ -436,10 +401,7 @@ def frozen_bn(runner: Runner, p: Any, seeds: Sequence[int]):
               "synced": dict(color="C4", ls=":")}
     for key, label in _FZ_COLUMNS.items():
         acc = [[100 * a[key] for a in results[b]] for b in p.fz_batch_sizes]
-        mean = [np.nanmean(a) if np.isfinite(a).any() else np.nan for a in acc]
-        std = [np.nanstd(a, ddof=1) if np.isfinite(a).sum() > 1 else 0.0 for a in acc]
-        ax.errorbar(p.fz_batch_sizes, mean, yerr=std, label=label, marker="o", ms=3,
-                    capsize=2, lw=1.2, **styles[key])
+        report.nan_errorbar(ax, p.fz_batch_sizes, acc, label, **styles[key])
     ax.set_xscale("log", base=2)
     ax.set_xticks(p.fz_batch_sizes, [str(b) for b in p.fz_batch_sizes])
     ax.minorticks_off()
@@ -451,7 +413,7 @@ def frozen_bn(runner: Runner, p: Any, seeds: Sequence[int]):
     for b in p.fz_batch_sizes:
         g = p.fz_replicas * b
         rows.append([str(b), str(g), str(p.fz_epochs * (n // g)), f"{_fz_lr(p, g):.3g}",
-                     *(_cell([a[k] for a in results[b]]) for k in _FZ_COLUMNS)])
+                     *(report.runs_cell([a[k] for a in results[b]]) for k in _FZ_COLUMNS)])
     header = ["per-replica batch", "global batch", "steps", "lr", *_FZ_COLUMNS.values()]
     notes = [
         f"{n} training images of {runner.ds.name}, {p.fz_epochs} epochs, SGD momentum 0.9, "
@@ -632,13 +594,14 @@ def bn_paper_fig1(runner: Runner, p: Any, seeds: Sequence[int]):
     rows = []
     for s in listed:
         i = runs[True][0]["steps"].index(s)
-        rows.append([str(s), *(_cell([c[i] if i < len(c) else math.nan for c in cs])
-                               for cs in curves.values())])
+        rows.append([str(s), *(report.runs_cell([c[i] if i < len(c) else math.nan
+                                                 for c in cs]) for cs in curves.values())])
     final_none = float(np.mean([c[-1] for c in curves["no BN"]]))
-    reach = [[steps_to_reach(x_steps, c, final_none) for c in cs] for cs in curves.values()]
+    reach = [[report.steps_to_reach(x_steps, c, final_none) for c in cs]
+             for cs in curves.values()]
     drift = {bn: _fig1_drift(runs[bn]) for bn in (False, True)}
     summary = [
-        ["jitter (points)", *(report.pm([jitter(c) for c in cs], 100.0, 2)
+        ["jitter (points)", *(report.pm([report.jitter(c) for c in cs], 100.0, 2)
                               for cs in curves.values())],
         ["steps to no BN's final accuracy",
          *(report.pm(v, digits=0) if np.isfinite(v).all() else
