@@ -17,7 +17,8 @@ deviation over the seeds; :mod:`train.report`) into ``--out``:
                     BN, next to Ghost BN, its one-device equivalent             (claim 5)
     bn_position     BN before vs after the ReLU, across learning rates          (question 6)
 
-and three on the statistics BN uses at test time (:mod:`train.population_experiments`):
+and three on the statistics BN uses at test time (:mod:`train.population_experiments`, and
+:mod:`train.fig1_experiment` for the last):
 
     ema_vs_precise  running averages vs PreciseBN across batch sizes and momenta, and
                     PreciseBN's sample size
@@ -49,7 +50,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from train import data, population_experiments, report
+from train import data, fig1_experiment, population_experiments, report
 from train.devices import ensure_devices
 from train.errors import TrainError
 from train.runner import Result, Runner, Spec
@@ -517,6 +518,7 @@ EXPERIMENTS: dict[str, Callable[..., Any]] = {
     "bn_position": bn_position,
     "regularization": regularization,
     **population_experiments.EXPERIMENTS,
+    "bn_paper_fig1": fig1_experiment.bn_paper_fig1,
 }
 
 
