@@ -190,12 +190,26 @@ def _pb_run(runner: Runner, p: Any, batch: int, seed: int, data: tuple[Any, ...]
     return out
 
 
-def _final(runs: Sequence[dict[str, Any]], key: str, momentum: float | None = None
-           ) -> list[float]:
+def _pb_keys(p: Any) -> tuple[Any, ...]:
+    """The curves of every run: one per running-average momentum, and ``"precise"``."""
+    return (*p.pb_momenta, "precise")
+
+
+def _curves(runs: Sequence[dict[str, Any]], key: Any) -> list[list[float]]:
+    """Each run's accuracy after every epoch, for a momentum's running averages or
+    ``"precise"``."""
+    return [r["precise"] if key == "precise" else r["ema"][key] for r in runs]
+
+
+def _converged(runs: Sequence[dict[str, Any]], key: Any) -> list[list[float]]:
+    """The curves of the runs that did not diverge."""
+    return [c for c, r in zip(_curves(runs, key), runs, strict=True) if not r["diverged"]]
+
+
+def _final(runs: Sequence[dict[str, Any]], key: Any) -> list[float]:
     """The last epoch's accuracy of each run (NaN if it diverged)."""
-    curves = [r["ema"][momentum] if key == "ema" else r[key] for r in runs]
     return [c[-1] if c and not r["diverged"] else math.nan
-            for c, r in zip(curves, runs, strict=True)]
+            for c, r in zip(_curves(runs, key), runs, strict=True)]
 
 
 def _plateau_gap(runs: Sequence[dict[str, Any]], n: int, largest: int) -> list[float]:
@@ -225,40 +239,40 @@ def _plateau(p: Any, results: dict[int, list[dict[str, Any]]]) -> tuple[str, dic
     return report.table(header, rows), needed
 
 
-def ema_vs_precise(runner: Runner, p: Any, seeds: Sequence[int]):
-    """EMA vs PreciseBN across batch sizes and momenta; PreciseBN's sample size."""
-    n = p.pb_train_size
-    x_np = runner.ds.train_images[:n]
-    data = (x_np, jnp.asarray(x_np), jnp.asarray(runner.ds.train_labels[:n]))
-    results = {b: [_pb_run(runner, p, b, s, data) for s in seeds] for b in p.pb_batch_sizes}
+def _pb_table(p: Any, results: dict[int, list[dict[str, Any]]], n: int) -> str:
+    """Per batch size: each curve's final accuracy, then its jitter."""
+    rows = []
+    for b, runs in results.items():
+        cells = [report.runs_cell(_final(runs, key)) for key in _pb_keys(p)]
+        jitters = []
+        for key in _pb_keys(p):
+            ok = _converged(runs, key)
+            jitters.append(report.pm([report.jitter(c) for c in ok], 100.0, 2) if ok
+                           else "diverged")
+        rows.append([str(b), f"{_pb_lr(p, b):.3g}", str(n // b), *cells, *jitters])
+    header = ["batch", "lr", "steps/epoch",
+              *(f"EMA {m:g}" for m in p.pb_momenta), "PreciseBN",
+              *(f"jitter, EMA {m:g}" for m in p.pb_momenta), "jitter, PreciseBN"]
+    return report.table(header, rows)
+
+
+def _pb_figure(p: Any, results: dict[int, list[dict[str, Any]]]) -> Any:
+    """The curves at the largest batch, the final accuracies against the batch size, and
+    PreciseBN's distance to its plateau against its sample size."""
     labels = {**{m: f"running averages, momentum {m:g}" for m in p.pb_momenta},
               "precise": f"PreciseBN ({p.pb_images} images)"}
     colors = {**{m: f"C{i + 1}" for i, m in enumerate(p.pb_momenta)}, "precise": "C0"}
     fig, (ax_curve, ax_batch, ax_n) = report.figure(wide=True, ncols=3)
     largest = max(p.pb_batch_sizes)
-    epochs = np.arange(1, p.pb_epochs + 1)
-    rows = []
-    for b, runs in results.items():
-        cells, jitters = [], []
-        for key in (*p.pb_momenta, "precise"):
-            curves = [r["ema"][key] if key != "precise" else r["precise"] for r in runs]
-            final = _final(runs, "precise" if key == "precise" else "ema",
-                           None if key == "precise" else key)
-            cells.append(report.runs_cell(final))
-            ok = [c for c, r in zip(curves, runs, strict=True) if not r["diverged"]]
-            jitters.append(report.pm([report.jitter(c) for c in ok], 100.0, 2) if ok
-                           else "diverged")
-            if b == largest and ok:
-                report.band(ax_curve, epochs, [100 * np.asarray(c) for c in ok], labels[key],
-                            color=colors[key], marker=".", ms=3)
-        spe = n // b
-        rows.append([str(b), f"{_pb_lr(p, b):.3g}", str(spe), *cells, *jitters])
-    for key in (*p.pb_momenta, "precise"):
-        finals = [_final(results[b], "precise" if key == "precise" else "ema",
-                         None if key == "precise" else key) for b in p.pb_batch_sizes]
-        report.nan_errorbar(ax_batch, p.pb_batch_sizes, [100 * np.asarray(f) for f in finals],
+    for key in _pb_keys(p):
+        ok = _converged(results[largest], key)
+        if ok:
+            report.band(ax_curve, np.arange(1, p.pb_epochs + 1),
+                        [100 * np.asarray(c) for c in ok], labels[key], color=colors[key],
+                        marker=".", ms=3)
+        report.nan_errorbar(ax_batch, p.pb_batch_sizes,
+                            [100 * np.asarray(_final(results[b], key)) for b in p.pb_batch_sizes],
                             labels[key], color=colors[key])
-    plateau_table, needed = _plateau(p, results)
     for i, (b, runs) in enumerate(results.items()):
         sizes = [m for m in p.pb_sample_sizes if any(m in r["plateau"] for r in runs)]
         if sizes:
@@ -278,12 +292,13 @@ def ema_vs_precise(runner: Runner, p: Any, seeds: Sequence[int]):
         ax.xaxis.label.set_fontsize(8)
         ax.yaxis.label.set_fontsize(8)
         ax.legend(fontsize=6)
-    header = ["batch", "lr", "steps/epoch",
-              *(f"EMA {m:g}" for m in p.pb_momenta), "PreciseBN",
-              *(f"jitter, EMA {m:g}" for m in p.pb_momenta), "jitter, PreciseBN"]
+    return fig
+
+
+def _pb_notes(runner: Runner, p: Any, n: int, needed: dict[int, Any]) -> list[str]:
     plateau_line = "; ".join(f"batch {b}: {needed.get(b, 'not reached')}"
                              for b in p.pb_batch_sizes)
-    notes = [
+    return [
         f"{n} training images of {runner.ds.name}, {p.pb_epochs} epochs at every batch size; "
         f"SGD momentum 0.9, no weight decay; the learning rate is {p.pb_lr:g} × batch / "
         f"{p.pb_lr_batch} (linear scaling), warmed up linearly over "
@@ -304,8 +319,18 @@ def ema_vs_precise(runner: Runner, p: Any, seeds: Sequence[int]):
         "with the largest sample. Smallest N within "
         f"{PLATEAU_POINTS:g} points of it: {plateau_line}.",
     ]
+
+
+def ema_vs_precise(runner: Runner, p: Any, seeds: Sequence[int]):
+    """EMA vs PreciseBN across batch sizes and momenta; PreciseBN's sample size."""
+    n = p.pb_train_size
+    x_np = runner.ds.train_images[:n]
+    data = (x_np, jnp.asarray(x_np), jnp.asarray(runner.ds.train_labels[:n]))
+    results = {b: [_pb_run(runner, p, b, s, data) for s in seeds] for b in p.pb_batch_sizes}
+    plateau_table, needed = _plateau(p, results)
     return ("EMA vs PreciseBN across batch sizes and momenta",
-            report.table(header, rows) + "\n\n" + plateau_table, notes, fig)
+            _pb_table(p, results, n) + "\n\n" + plateau_table,
+            _pb_notes(runner, p, n, needed), _pb_figure(p, results))
 
 
 def _plural(n: float, word: str) -> str:
