@@ -7,7 +7,7 @@ with PreciseBN (:func:`jaxbn.precise_batch_stats`), and the 15th, 50th and 85th 
 a last-layer sigmoid's input.
 
 Like the other experiments it returns ``(title, body, notes, figure)``, with its sizes from
-the shared :class:`train.experiments.Protocol` (the ``f1_*`` fields). Training runs chunks of
+the shared :class:`train.protocol.Protocol` (the ``f1_*`` fields). Training runs chunks of
 steps (those between two evaluations) in one ``lax.scan``, compiled once per network (with
 and without BN); every accuracy is on the protocol's test images.
 """
@@ -29,6 +29,7 @@ from jax import lax
 import jaxbn
 from train import mlp, population, report, scanned
 from train.data import Dataset
+from train.protocol import Protocol
 from train.runner import Runner
 
 __all__ = ["UNIT", "TABLE_STEPS", "bn_paper_fig1"]
@@ -92,7 +93,7 @@ def _indices(n: int, batch: int, seed: int, start: int, count: int) -> np.ndarra
     return np.stack(rows)
 
 
-def _data(ds: Dataset, p: Any) -> tuple[Any, ...]:
+def _data(ds: Dataset, p: Protocol) -> tuple[Any, ...]:
     """The flattened training images (numpy and on device) and labels, and the test images
     (in ``[0, 1]``) and labels."""
     n = p.f1_train_size
@@ -103,7 +104,7 @@ def _data(ds: Dataset, p: Any) -> tuple[Any, ...]:
             jnp.asarray(ds.test_labels[:p.f1_test_size]))
 
 
-def _run(runner: Runner, p: Any, bn: bool, seed: int, data: tuple[Any, ...]
+def _run(runner: Runner, p: Protocol, bn: bool, seed: int, data: tuple[Any, ...]
          ) -> dict[str, Any]:
     """One network: test accuracy (and, with BN, with PreciseBN) and the percentiles of the
     last hidden layer's sigmoid inputs, at step 0 and every ``f1_eval_every`` steps."""
@@ -215,7 +216,7 @@ def _figure(runs: dict[bool, list[dict[str, Any]]], curves: dict[str, list[list[
     return fig
 
 
-def _notes(ds: Dataset, p: Any, num_test: int, seed: int) -> list[str]:
+def _notes(ds: Dataset, p: Protocol, num_test: int, seed: int) -> list[str]:
     return [
         f"784-100-100-100-10 MLP, sigmoid hidden units, written with jaxbn's functional API "
         f"(train/mlp.py); BN on every hidden layer (before the sigmoid), none on the output. "
@@ -238,7 +239,7 @@ def _notes(ds: Dataset, p: Any, num_test: int, seed: int) -> list[str]:
     ]
 
 
-def bn_paper_fig1(runner: Runner, p: Any, seeds: Sequence[int]):
+def bn_paper_fig1(runner: Runner, p: Protocol, seeds: Sequence[int]):
     """The BN paper's Fig. 1 on Fashion-MNIST: the sigmoid MLP with and without BN."""
     data = _data(runner.ds, p)
     runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}

@@ -15,7 +15,7 @@ the library's PreciseBN (:mod:`jaxbn.precise`) and FrozenBN (``train.lenet
                     synchronized BN
 
 Each returns ``(title, body, notes, figure)`` as the experiments of :mod:`train.experiments`
-do, with its sizes from the shared :class:`train.experiments.Protocol`. Training runs whole
+do, with its sizes from the shared :class:`train.protocol.Protocol`. Training runs whole
 epochs in one ``lax.scan`` (:mod:`train.scanned`), compiled once per model and batch shape;
 the LeNets use the fast convolution (``conv='fast'``: under ``scan`` on XLA:CPU
 ``flax.linen.Conv`` is more than ten times slower). Evaluation and PreciseBN are the training
@@ -39,6 +39,7 @@ import optax
 from train import distributed, population, report, scanned, steps
 from train.distributed import AXIS
 from train.model import LeNet
+from train.protocol import Protocol
 from train.runner import Runner
 
 __all__ = ["EXPERIMENTS"]
@@ -143,11 +144,11 @@ def _epochs(runner: Runner, epoch_fn: scanned.EpochFn, carry: scanned.Carry,
 # EMA vs PreciseBN on the LeNet.
 
 
-def _pb_lr(p: Any, batch: int) -> float:
+def _pb_lr(p: Protocol, batch: int) -> float:
     return p.pb_lr * batch / p.pb_lr_batch
 
 
-def _pb_run(runner: Runner, p: Any, batch: int, seed: int, data: tuple[Any, ...]
+def _pb_run(runner: Runner, p: Protocol, batch: int, seed: int, data: tuple[Any, ...]
             ) -> dict[str, Any]:
     """One run: the accuracies after every epoch (running averages per momentum, PreciseBN),
     and at the end PreciseBN's accuracy per sample size and subset."""
@@ -190,7 +191,7 @@ def _pb_run(runner: Runner, p: Any, batch: int, seed: int, data: tuple[Any, ...]
     return out
 
 
-def _pb_keys(p: Any) -> tuple[Any, ...]:
+def _pb_keys(p: Protocol) -> tuple[Any, ...]:
     """The curves of every run: one per running-average momentum, and ``"precise"``."""
     return (*p.pb_momenta, "precise")
 
@@ -218,7 +219,7 @@ def _plateau_gap(runs: Sequence[dict[str, Any]], n: int, largest: int) -> list[f
             for r in runs if n in r["plateau"]]
 
 
-def _plateau(p: Any, results: dict[int, list[dict[str, Any]]]) -> tuple[str, dict[int, Any]]:
+def _plateau(p: Protocol, results: dict[int, list[dict[str, Any]]]) -> tuple[str, dict[int, Any]]:
     """The sample-size table, and per batch size the smallest sample on the plateau."""
     sizes = [n for n in p.pb_sample_sizes
              if any(n in r["plateau"] for rs in results.values() for r in rs)]
@@ -239,7 +240,7 @@ def _plateau(p: Any, results: dict[int, list[dict[str, Any]]]) -> tuple[str, dic
     return report.table(header, rows), needed
 
 
-def _pb_table(p: Any, results: dict[int, list[dict[str, Any]]], n: int) -> str:
+def _pb_table(p: Protocol, results: dict[int, list[dict[str, Any]]], n: int) -> str:
     """Per batch size: each curve's final accuracy, then its jitter."""
     rows = []
     for b, runs in results.items():
@@ -256,7 +257,7 @@ def _pb_table(p: Any, results: dict[int, list[dict[str, Any]]], n: int) -> str:
     return report.table(header, rows)
 
 
-def _pb_figure(p: Any, results: dict[int, list[dict[str, Any]]]) -> Any:
+def _pb_figure(p: Protocol, results: dict[int, list[dict[str, Any]]]) -> Any:
     """The curves at the largest batch, the final accuracies against the batch size, and
     PreciseBN's distance to its plateau against its sample size."""
     labels = {**{m: f"running averages, momentum {m:g}" for m in p.pb_momenta},
@@ -295,14 +296,14 @@ def _pb_figure(p: Any, results: dict[int, list[dict[str, Any]]]) -> Any:
     return fig
 
 
-def _pb_notes(runner: Runner, p: Any, n: int, needed: dict[int, Any]) -> list[str]:
+def _pb_notes(runner: Runner, p: Protocol, n: int, needed: dict[int, Any]) -> list[str]:
     plateau_line = "; ".join(f"batch {b}: {needed.get(b, 'not reached')}"
                              for b in p.pb_batch_sizes)
     return [
         f"{n} training images of {runner.ds.name}, {p.pb_epochs} epochs at every batch size; "
         f"SGD momentum 0.9, no weight decay; the learning rate is {p.pb_lr:g} × batch / "
         f"{p.pb_lr_batch} (linear scaling), warmed up linearly over "
-        f"{_plural(p.pb_warmup_epochs, 'epoch')}, then cosine decay to 0. "
+        f"{report.plural(p.pb_warmup_epochs, 'epoch')}, then cosine decay to 0. "
         f"{len(runner.test_images)} test images.",
         "One training run per batch size and seed: BN's weights do not depend on its "
         "momentum, so the model's BN returns each batch's moments and the run keeps one "
@@ -321,7 +322,7 @@ def _pb_notes(runner: Runner, p: Any, n: int, needed: dict[int, Any]) -> list[st
     ]
 
 
-def ema_vs_precise(runner: Runner, p: Any, seeds: Sequence[int]):
+def ema_vs_precise(runner: Runner, p: Protocol, seeds: Sequence[int]):
     """EMA vs PreciseBN across batch sizes and momenta; PreciseBN's sample size."""
     n = p.pb_train_size
     x_np = runner.ds.train_images[:n]
@@ -331,10 +332,6 @@ def ema_vs_precise(runner: Runner, p: Any, seeds: Sequence[int]):
     return ("EMA vs PreciseBN across batch sizes and momenta",
             _pb_table(p, results, n) + "\n\n" + plateau_table,
             _pb_notes(runner, p, n, needed), _pb_figure(p, results))
-
-
-def _plural(n: float, word: str) -> str:
-    return f"{n:g} {word}" + ("" if n == 1 else "s")
 
 
 # --------------------------------------------------------------------------------------------
@@ -349,11 +346,11 @@ _FZ_COLUMNS = {
 }
 
 
-def _fz_lr(p: Any, global_batch: int) -> float:
+def _fz_lr(p: Protocol, global_batch: int) -> float:
     return p.fz_lr * min(1.0, global_batch / p.fz_lr_batch)
 
 
-def _fz_run(runner: Runner, p: Any, b: int, seed: int, data: tuple[Any, ...]
+def _fz_run(runner: Runner, p: Protocol, b: int, seed: int, data: tuple[Any, ...]
             ) -> dict[str, float]:
     """The five variants at ``b`` images per replica: their final test accuracies."""
     x_np, x, y = data
@@ -402,7 +399,7 @@ def _fz_run(runner: Runner, p: Any, b: int, seed: int, data: tuple[Any, ...]
     return acc
 
 
-def frozen_bn(runner: Runner, p: Any, seeds: Sequence[int]):
+def frozen_bn(runner: Runner, p: Protocol, seeds: Sequence[int]):
     """BN with small per-replica batches: FrozenBN against PreciseBN, Batch Renorm and
     synchronized BN."""
     n = p.fz_train_size
@@ -443,7 +440,7 @@ def frozen_bn(runner: Runner, p: Any, seeds: Sequence[int]):
         f"BN + PreciseBN: the BN runs evaluated with the statistics of {p.fz_images} training "
         "images, recomputed with the training-mode forward pass on batches of the "
         "per-replica size. BN + FrozenBN: the same runs, whose last "
-        f"{_plural(p.fz_frozen_epochs, 'epoch')} train with BN frozen at those statistics "
+        f"{report.plural(p.fz_frozen_epochs, 'epoch')} train with BN frozen at those statistics "
         "(computed at the switch), as `train.lenet --freeze-bn-epochs` does.",
     ]
     return ("FrozenBN for small batches: BN, PreciseBN, FrozenBN, Batch Renorm, synced BN",

@@ -35,6 +35,7 @@ __all__ = [
     "mean_std",
     "nan_errorbar",
     "parse_table",
+    "plural",
     "pm",
     "runs_cell",
     "save_figure",
@@ -105,6 +106,16 @@ def loss_cell(results: Sequence[Result], attr: str = "test_loss") -> str:
     if n:
         return f"diverged ({n}/{len(results)})"
     return pm([getattr(r, attr) for r in results], digits=3)
+
+
+def plural(n: float, word: str) -> str:
+    """``n`` and ``word``, with an ``s`` unless ``n`` is 1.
+
+    Example:
+        >>> plural(1, "epoch"), plural(0.5, "epoch")
+        ('1 epoch', '0.5 epochs')
+    """
+    return f"{n:g} {word}" + ("" if n == 1 else "s")
 
 
 def runs_cell(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
