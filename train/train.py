@@ -45,7 +45,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from train import data, distributed, metrics, population, steps
+from train import batching, data, distributed, metrics, population, steps
 from train.checkpoints import Checkpoints, quiet_orbax, unfinished_saves
 from train.config import Config, check_resumable, compile_key, validate
 from train.devices import ensure_devices
@@ -215,7 +215,7 @@ def _prepare(config: Config, workdir: Path, devices: Sequence[jax.Device],
              on_step: StepCallback | None) -> _Run:
     """Loads the data, builds the model, optimizer, steps and mesh, and opens checkpoints."""
     ds, arrays, eval_batch_size = _load(config, config.devices)
-    steps_per_epoch = data.num_batches(len(arrays[0]), config.batch_size)
+    steps_per_epoch = batching.num_batches(len(arrays[0]), config.batch_size)
     mean, std = data.pixel_stats(ds.name, dataset=ds)
     built = _build(compile_key(config), steps_per_epoch, ds.num_classes, tuple(devices),
                    mean, std)
@@ -329,7 +329,7 @@ def _train_epoch(run: _Run, state: steps.TrainState, epoch: int, start: int,
     config, step = run.config, int(state.step)
     stop = run.steps_per_epoch if config.max_steps is None else \
         min(run.steps_per_epoch, start + config.max_steps - step)
-    batches = data.batches(run.arrays[0], run.arrays[1], config.batch_size, seed=config.seed,
+    batches = batching.batches(run.arrays[0], run.arrays[1], config.batch_size, seed=config.seed,
                            epoch=epoch, shard_index=run.shard[0], num_shards=run.shard[1])
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     bar = tqdm(total=run.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/"
