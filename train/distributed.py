@@ -74,6 +74,7 @@ __all__ = [
     "make_global_batch",
     "planned_process_count",
     "process_batch_slice",
+    "say",
     "shutdown",
 ]
 
@@ -289,6 +290,12 @@ def is_main_process() -> bool:
         True
     """
     return jax.process_index() == 0
+
+
+def say(*args: Any, **kwargs: Any) -> None:
+    """``print`` on process 0 only; the other processes of a multi-process run are quiet."""
+    if is_main_process():
+        print(*args, **kwargs)
 
 
 def global_mesh(
