@@ -2,7 +2,7 @@
 
 This module is library code for ``python -m train.lenet``. It depends only on numpy and the
 standard library; TensorFlow Datasets is imported lazily, and only when no local copy of the
-data is found. It never imports JAX: batches are numpy arrays, and the caller moves them to
+data is found. It never imports JAX: datasets are numpy arrays, and the caller moves them to
 devices.
 
 Where the data comes from (:func:`load_dataset`), first match wins:
@@ -17,9 +17,7 @@ Where the data comes from (:func:`load_dataset`), first match wins:
 
 Every problem with the data raises :class:`DataError` (a :class:`ValueError`) whose message
 names the file and says what was expected and what was found. The IDX format itself is
-:mod:`train.idx`.
-
-Batching is :mod:`train.batching`.
+:mod:`train.idx`; batching is :mod:`train.batching`.
 """
 
 from __future__ import annotations
