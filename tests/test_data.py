@@ -1,5 +1,5 @@
-"""Tests for train.idx and train.data: IDX reading/writing and validation, dataset lookup,
-TFDS, batching, pixel statistics."""
+"""Tests for train.idx, train.data and train.batching: IDX reading/writing and validation,
+dataset lookup, TFDS, batching, pixel statistics."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train import data, idx
+from train import batching, data, idx
 from train.data import DataError
 
 TRAIN_IMAGES = "train-images-idx3-ubyte"
@@ -383,7 +383,7 @@ def test_tfds_bad_records(monkeypatch):
 
 
 def _epoch(x, y, **kw):
-    return list(data.batches(x, y, kw.pop("batch_size", 8), **kw))
+    return list(batching.batches(x, y, kw.pop("batch_size", 8), **kw))
 
 
 def test_batches_deterministic():
@@ -391,7 +391,7 @@ def test_batches_deterministic():
     y = np.arange(50)
     a = _epoch(x, y, seed=3, epoch=1)
     b = _epoch(x, y, seed=3, epoch=1)
-    assert len(a) == data.num_batches(50, 8) == 6
+    assert len(a) == batching.num_batches(50, 8) == 6
     for (xa, ya), (xb, yb) in zip(a, b, strict=True):
         np.testing.assert_array_equal(xa, xb)
         np.testing.assert_array_equal(ya, yb)
@@ -408,11 +408,11 @@ def test_batches_no_shuffle_and_remainder():
     x = y = np.arange(10)
     got = [
         yb.tolist()
-        for _, yb in data.batches(x, y, 4, seed=0, epoch=0, shuffle=False, drop_remainder=False)
+        for _, yb in batching.batches(x, y, 4, seed=0, epoch=0, shuffle=False, drop_remainder=False)
     ]
     assert got == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
-    assert data.num_batches(10, 4, drop_remainder=False) == 3
-    assert data.num_batches(10, 4) == 2
+    assert batching.num_batches(10, 4, drop_remainder=False) == 3
+    assert batching.num_batches(10, 4) == 2
 
 
 def test_batches_shards_concatenate_to_global_batch():
@@ -445,7 +445,7 @@ def test_batches_errors(kwargs, match):
     x = y = np.arange(20)
     kw = {"batch_size": 8, "seed": 0, "epoch": 0, **kwargs}
     with pytest.raises(ValueError, match=match):
-        next(data.batches(x, y, **kw))
+        next(batching.batches(x, y, **kw))
 
 
 def test_to_float():

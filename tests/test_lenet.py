@@ -1,6 +1,6 @@
 """End-to-end tests of ``python -m train.lenet`` on tiny data, and of its pieces.
 
-Runs with the same settings share their compiled steps (``train.train._build`` is cached), so
+Runs with the same settings share their compiled steps (``train.prepare.build`` is cached), so
 most runs here cost well under a second after the first.
 """
 
@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 
 from tests.synthetic import learnable_images
-from train import config, data, idx, lenet, steps
-from train import train as train_loop
+from train import config, data, idx, lenet, prepare, steps
 from train import workdir as workdir_mod
 from train.checkpoints import load_checkpoint
 from train.errors import EXIT_CODES, EXIT_INTERRUPTED, ConfigError, DivergedError
@@ -436,10 +435,10 @@ def test_devices_must_divide_over_the_processes(monkeypatch):
 
 
 def test_eval_batch_size_is_rounded_up_to_the_devices(idx_dir):
-    _, _, eval_batch_size = train_loop._load(
+    _, _, eval_batch_size = prepare.load(
         config.Config(data_dir=str(idx_dir), batch_size=BATCH, eval_batch_size=30), 4)
     assert eval_batch_size == 32
-    _, _, eval_batch_size = train_loop._load(
+    _, _, eval_batch_size = prepare.load(
         config.Config(data_dir=str(idx_dir), batch_size=BATCH, eval_batch_size=1000), 8)
     assert eval_batch_size == N_TEST  # 72: the whole test set, a multiple of 8
 

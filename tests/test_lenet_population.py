@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.synthetic import learnable_images
-from train import config, data, idx, lenet
+from train import batching, config, data, idx, lenet
 from train.checkpoints import load_checkpoint
 
 # The sizes (and settings) of tests/test_lenet.py: in one pytest process the runs share its
@@ -137,7 +137,7 @@ def test_precise_statistics_are_those_of_the_training_forward_pass(straight, tra
     params, got = ckpt["state"]["params"], ckpt["precise_batch_stats"]
     mean, std = data.pixel_stats("fashion_mnist", idx_dir)
     images, labels = train_data[0]
-    batches = data.batches(images[..., None], labels, BATCH, seed=0, epoch=0)
+    batches = batching.batches(images[..., None], labels, BATCH, seed=0, epoch=0)
     bn1_inputs, bn2_inputs = [], []
     for _ in range(PRECISE_IMAGES // BATCH):
         x, _ = next(batches)

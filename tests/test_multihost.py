@@ -36,7 +36,7 @@ import pytest
 from tests import compile_cache
 from tests import multihost_worker as worker
 from tests.synthetic import learnable_images
-from train import distributed, idx, lenet
+from train import cluster, distributed, idx, lenet
 from train.checkpoints import load_checkpoint
 from train.errors import WorkdirBusyError
 from train.workdir import WorkdirLock
@@ -178,10 +178,10 @@ def test_unreachable_coordinator_probe_is_bounded():
     start = time.monotonic()
     with pytest.raises(distributed.CoordinatorUnreachableError,
                        match=f"could not reach the coordinator at 127.0.0.1:{port} within 1 s"):
-        distributed._wait_for_coordinator(f"127.0.0.1:{port}", 1)
+        cluster.wait_for_coordinator(f"127.0.0.1:{port}", 1)
     assert time.monotonic() - start < 3
     with pytest.raises(ValueError, match="must be 'host:port'"):
-        distributed._wait_for_coordinator("127.0.0.1", 1)
+        cluster.wait_for_coordinator("127.0.0.1", 1)
 
 
 def test_helpers_on_one_process():

@@ -28,17 +28,15 @@ others notice at once (their connection closes). A coordinator that cannot be re
 :func:`initialize` raise :class:`CoordinatorUnreachableError` after ``timeout_s``; a process
 that never joins makes the others abort (as above) about 5 s after ``timeout_s``. The
 defaults (30 s, 15 s) bound all of these well under a minute, where JAX's own defaults are
-100 s to 5 minutes; ``tests/test_multihost.py`` measures them.
+100 s to 5 minutes; ``tests/test_multihost.py`` measures them. Reading the settings and the
+timeouts, and probing the coordinator, is :mod:`train.cluster`'s job.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import socket
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -46,6 +44,17 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from train import cluster
+from train.cluster import (
+    ENV_COORDINATOR,
+    ENV_HEARTBEAT_TIMEOUT_S,
+    ENV_NUM_PROCESSES,
+    ENV_PROCESS_ID,
+    ENV_SHUTDOWN_TIMEOUT_S,
+    ENV_TIMEOUT_S,
+    CoordinatorUnreachableError,
+)
 
 __all__ = [
     "AXIS",
@@ -65,56 +74,16 @@ __all__ = [
     "make_global_batch",
     "planned_process_count",
     "process_batch_slice",
+    "say",
     "shutdown",
 ]
 
 #: Name of the data-parallel mesh axis (and of BN's ``axis_name``).
 AXIS = "batch"
-#: ``host:port`` of process 0's coordination service.
-ENV_COORDINATOR = "JAXBN_COORDINATOR"
-#: Total number of processes.
-ENV_NUM_PROCESSES = "JAXBN_NUM_PROCESSES"
-#: This process's id, in ``0 .. num_processes - 1``.
-ENV_PROCESS_ID = "JAXBN_PROCESS_ID"
-
-#: Overrides of the defaults below (seconds), for launchers that only pass environment.
-ENV_TIMEOUT_S = "JAXBN_TIMEOUT_S"
-ENV_HEARTBEAT_TIMEOUT_S = "JAXBN_HEARTBEAT_TIMEOUT_S"
-ENV_SHUTDOWN_TIMEOUT_S = "JAXBN_SHUTDOWN_TIMEOUT_S"
-
-#: Seconds to wait for the coordinator and for every process to join.
-DEFAULT_TIMEOUT_S = 30
-#: Seconds without a heartbeat after which a process counts as dead (JAX's default: 100).
-DEFAULT_HEARTBEAT_TIMEOUT_S = 15
-#: Seconds a finishing process waits at exit for the others to finish (JAX's default: 300).
-DEFAULT_SHUTDOWN_TIMEOUT_S = 120
-
-
-class CoordinatorUnreachableError(RuntimeError):
-    """Nothing accepted a connection at the coordinator address before the timeout."""
 
 
 # --------------------------------------------------------------------------------------------
 # Start-up.
-
-
-def _int_or_none(name: str, value: Any) -> int | None:
-    if value is None or value == "":
-        return None
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be an integer, got {value!r}.") from None
-
-
-def _seconds(name: str, value: int | None, env: str, default: int) -> int:
-    if value is None:
-        value = _int_or_none(env, os.environ.get(env))
-        name = env if value is not None else name
-    value = default if value is None else value
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive number of seconds, got {value!r}.")
-    return value
 
 
 def backends_initialized() -> bool:
@@ -135,71 +104,6 @@ def backends_initialized() -> bool:
     except ImportError:
         return True
     return bool(xla_bridge.backends_are_initialized())
-
-
-def _cluster_detected() -> str | None:
-    """The name of the cluster environment JAX would auto-detect (SLURM, TPU, ...), or None.
-
-    JAX has no public "is there a cluster?" query; this asks the same private registry that
-    :func:`jax.distributed.initialize` consults. Were it to move, we fall back to letting
-    ``initialize`` decide (which requires JAX not to have started yet).
-    """
-    try:
-        from jax._src.clusters import ClusterEnv
-
-        kinds = list(ClusterEnv._cluster_types)
-    except (ImportError, AttributeError):  # JAX moved its internals: let initialize decide
-        return "unknown"
-    for kind in kinds:
-        if getattr(kind, "opt_in_only_method", False):
-            continue
-        try:
-            # Kubernetes without the `kubernetes` package warns here; that pod is simply
-            # not a multi-process job, which is not worth a warning on every run.
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                present = kind.is_env_present()
-        except Exception:  # noqa: BLE001 - a broken probe means "not this cluster"
-            continue
-        if present:
-            return kind.__name__
-    return None
-
-
-def _split_address(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise ValueError(
-            f"coordinator address must be 'host:port' (e.g. 10.0.0.1:12345), got {address!r}."
-        )
-    return host.strip("[]"), int(port)
-
-
-def _wait_for_coordinator(address: str, timeout_s: float) -> None:
-    """Blocks until something accepts TCP connections at ``address``, or raises.
-
-    JAX's client retries for ``initialization_timeout`` and then aborts the process from C++
-    with a generic "DEADLINE_EXCEEDED" message; probing first turns the commonest mistake
-    (wrong address, process 0 not started, firewall) into a Python exception that says so.
-    """
-    host, port = _split_address(address)
-    deadline = time.monotonic() + timeout_s
-    last: OSError | None = None
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        try:
-            with socket.create_connection((host, port), timeout=min(2.0, remaining)):
-                return
-        except OSError as e:  # refused, unreachable, unresolvable: retry until the deadline
-            last = e
-            time.sleep(min(0.25, max(0.0, deadline - time.monotonic())))
-    raise CoordinatorUnreachableError(
-        f"could not reach the coordinator at {address} within {timeout_s:g} s "
-        f"({type(last).__name__}: {last}). Check that process 0 was started with the same "
-        f"address, that this host can reach it (port open, no proxy), or raise timeout_s."
-    )
 
 
 def initialize(
@@ -256,27 +160,25 @@ def initialize(
     """
     if jax.distributed.is_initialized():
         return True
-    explicit = _process_settings(coordinator_address, num_processes, process_id)
+    explicit = cluster.process_settings(coordinator_address, num_processes, process_id)
     coordinator_address, num_processes, process_id = explicit
-    timeout_s = _seconds("timeout_s", timeout_s, ENV_TIMEOUT_S, DEFAULT_TIMEOUT_S)
-    heartbeat_timeout_s = _seconds("heartbeat_timeout_s", heartbeat_timeout_s,
-                                   ENV_HEARTBEAT_TIMEOUT_S, DEFAULT_HEARTBEAT_TIMEOUT_S)
-    shutdown_timeout_s = _seconds("shutdown_timeout_s", shutdown_timeout_s,
-                                  ENV_SHUTDOWN_TIMEOUT_S, DEFAULT_SHUTDOWN_TIMEOUT_S)
-    cluster = None if None not in explicit or num_processes == 1 else _cluster_detected()
+    timeout_s, heartbeat_timeout_s, shutdown_timeout_s = cluster.timeouts(
+        timeout_s, heartbeat_timeout_s, shutdown_timeout_s)
+    detected = (None if None not in explicit or num_processes == 1
+                else cluster.detected_cluster())
     if local_device_count is not None:
         _set_local_device_count(local_device_count)
-    if num_processes == 1 or (explicit == (None, None, None) and cluster is None):
+    if num_processes == 1 or (explicit == (None, None, None) and detected is None):
         return False
-    if None in explicit and cluster is None:
-        _raise_missing(explicit)
+    if None in explicit and detected is None:
+        cluster.raise_missing(explicit)
 
     # Affects only the CPU backend; gloo is JAX's default today, named here so that a
     # changed default cannot silently leave CPU processes without cross-process collectives.
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     start = time.monotonic()
     if coordinator_address is not None and process_id not in (None, 0):
-        _wait_for_coordinator(coordinator_address, timeout_s)
+        cluster.wait_for_coordinator(coordinator_address, timeout_s)
     remaining = max(2, math.ceil(timeout_s - (time.monotonic() - start)))
     if None not in explicit:
         print(
@@ -296,52 +198,12 @@ def initialize(
             shutdown_timeout_seconds=shutdown_timeout_s,
         )
     except ValueError as e:
-        if cluster == "unknown" and explicit == (None, None, None) and (
+        if detected == "unknown" and explicit == (None, None, None) and (
             "coordinator_address" in str(e)
         ):
-            return False  # _cluster_detected could not tell, and JAX found no cluster either
+            return False  # detected_cluster could not tell, and JAX found no cluster either
         raise
     return True
-
-
-def _process_settings(
-    coordinator_address: str | None, num_processes: int | None, process_id: int | None
-) -> tuple[str | None, int | None, int | None]:
-    """The three settings from the arguments, else the environment; checked."""
-    coordinator_address = (coordinator_address or os.environ.get(ENV_COORDINATOR)
-                           or os.environ.get("JAX_COORDINATOR_ADDRESS") or None)
-    num_processes = _int_or_none(
-        ENV_NUM_PROCESSES,
-        num_processes if num_processes is not None else os.environ.get(ENV_NUM_PROCESSES),
-    )
-    process_id = _int_or_none(
-        ENV_PROCESS_ID, process_id if process_id is not None else os.environ.get(ENV_PROCESS_ID)
-    )
-    if num_processes is not None and num_processes < 1:
-        raise ValueError(f"num_processes must be >= 1, got {num_processes}.")
-    if num_processes is not None and process_id is not None and not (
-        0 <= process_id < num_processes
-    ):
-        raise ValueError(
-            f"process_id must be in [0, {num_processes - 1}] for {num_processes} processes, "
-            f"got {process_id}."
-        )
-    return coordinator_address, num_processes, process_id
-
-
-def _raise_missing(explicit: tuple[str | None, int | None, int | None]) -> None:
-    missing = [
-        f"{arg} (or {env})"
-        for arg, env, value in zip(
-            ("coordinator_address", "num_processes", "process_id"),
-            (ENV_COORDINATOR, ENV_NUM_PROCESSES, ENV_PROCESS_ID), explicit, strict=True)
-        if value is None
-    ]
-    raise ValueError(
-        f"a multi-process run needs coordinator_address, num_processes and process_id, "
-        f"and no cluster environment (SLURM, Cloud TPU, Open MPI) supplies the rest; "
-        f"missing: {', '.join(missing)}."
-    )
 
 
 def _set_local_device_count(n: int) -> None:
@@ -428,6 +290,12 @@ def is_main_process() -> bool:
         True
     """
     return jax.process_index() == 0
+
+
+def say(*args: Any, **kwargs: Any) -> None:
+    """``print`` on process 0 only; the other processes of a multi-process run are quiet."""
+    if is_main_process():
+        print(*args, **kwargs)
 
 
 def global_mesh(

@@ -32,7 +32,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxbn import precise_linen
-from train import data, steps
+from train import batching, steps
 from train.config import FREEZE_IMAGES, Config
 from train.distributed import AXIS
 from train.model import LeNet
@@ -84,7 +84,7 @@ def precise_images(
         ``(batches, batch_size / count, H, W, C)`` uint8.
     """
     k = num_precise_batches(num_images, config.batch_size, steps_per_epoch)
-    batches = data.batches(images, labels, config.batch_size, seed=config.seed, epoch=epoch,
+    batches = batching.batches(images, labels, config.batch_size, seed=config.seed, epoch=epoch,
                            shard_index=shard[0], num_shards=shard[1])
     return np.stack([x for x, _ in itertools.islice(batches, k)])
 

@@ -1,10 +1,10 @@
-"""BN's test-time statistics, measured: three experiments of ``python -m train.experiments``.
+"""BN's test-time statistics, measured: two experiments of ``python -m train.experiments``.
 
 The statistics BN normalizes with at test time are its weakest point (Wu & Johnson,
 "Rethinking 'Batch' in BatchNorm", 2021). These experiments measure, on Fashion-MNIST, what
 the library's PreciseBN (:mod:`jaxbn.precise`) and FrozenBN (``train.lenet
---freeze-bn-epochs``) change, and repeat the BN paper's first figure (Ioffe & Szegedy, 2015,
-Fig. 1):
+--freeze-bn-epochs``) change (a third, the BN paper's Fig. 1 with PreciseBN, is
+:mod:`train.fig1_experiment`):
 
     ema_vs_precise  the seed's LeNet at batch 32 to 2048 for a fixed number of epochs: test
                     accuracy after every epoch with the running averages (momentum 0.9 and
@@ -13,19 +13,14 @@ Fig. 1):
     frozen_bn       batches of 2 to 8 per replica, 8 data-parallel replicas: BN, BN with
                     PreciseBN, BN with the last epoch frozen (FrozenBN), Batch Renorm and
                     synchronized BN
-    bn_paper_fig1   the BN paper's 784-100-100-100-10 sigmoid MLP (:mod:`train.mlp`, the
-                    functional API), batch 60, SGD lr 0.5: test accuracy without BN, with
-                    BN's running averages and with PreciseBN against the step, and the 15th,
-                    50th and 85th percentiles of a last-layer sigmoid's input
 
 Each returns ``(title, body, notes, figure)`` as the experiments of :mod:`train.experiments`
-do, with its sizes from the shared :class:`train.experiments.Protocol`. Training runs whole
-epochs (or chunks of steps) in one ``lax.scan`` (:mod:`train.scanned`), compiled once per
-model and batch shape; the LeNets use the fast convolution (``conv='fast'``: under ``scan``
-on XLA:CPU ``flax.linen.Conv`` is more than ten times slower). Evaluation and PreciseBN are
-the training program's (:func:`train.steps.evaluate`, :func:`train.population.make_precise_fn`;
-:func:`jaxbn.precise_batch_stats` for the MLP); every accuracy is on the protocol's test
-images.
+do, with its sizes from the shared :class:`train.protocol.Protocol`. Training runs whole
+epochs in one ``lax.scan`` (:mod:`train.scanned`), compiled once per model and batch shape;
+the LeNets use the fast convolution (``conv='fast'``: under ``scan`` on XLA:CPU
+``flax.linen.Conv`` is more than ten times slower). Evaluation and PreciseBN are the training
+program's (:func:`train.steps.evaluate`, :func:`train.population.make_precise_fn`); every
+accuracy is on the protocol's test images.
 """
 
 from __future__ import annotations
@@ -40,25 +35,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax import lax
 
-import jaxbn
-from train import distributed, mlp, population, report, scanned, steps
+from train import distributed, population, report, scanned, steps
 from train.distributed import AXIS
 from train.model import LeNet
+from train.protocol import Protocol
 from train.runner import Runner
 
-__all__ = ["EXPERIMENTS", "jitter", "steps_to_reach"]
+__all__ = ["EXPERIMENTS"]
 
 #: The running averages' decay of the frozen_bn runs (PyTorch's default ``momentum=0.1``).
 BN_MOMENTUM = 0.9
 #: A PreciseBN sample is "enough" when its accuracy is within this many points of the
 #: largest sample's, on average over seeds and subsets.
 PLATEAU_POINTS = 0.1
-#: The last hidden layer's unit whose input percentiles are plotted (chosen before looking).
-FIG1_UNIT = 0
-#: The evaluation steps listed in the Fig. 1 table (those the run reaches).
-FIG1_TABLE_STEPS = (1_000, 2_000, 5_000, 10_000, 20_000, 50_000)
 
 
 class _Weights(NamedTuple):
@@ -66,29 +56,6 @@ class _Weights(NamedTuple):
 
     params: Any
     batch_stats: Any
-
-
-def jitter(curve: Sequence[float]) -> float:
-    """Mean absolute change between consecutive values of the curve's second half (at least
-    its last two values; NaN for fewer than two).
-
-    Example:
-        >>> round(jitter([0.1, 0.5, 0.80, 0.82, 0.80, 0.83]), 6)
-        0.025
-    """
-    tail = np.asarray(curve, np.float64)[min(len(curve) // 2, len(curve) - 2):]
-    return float(np.mean(np.abs(np.diff(tail)))) if len(tail) > 1 else math.nan
-
-
-def steps_to_reach(steps_: Sequence[int], curve: Sequence[float], target: float) -> float:
-    """The first step at which ``curve`` reaches ``target`` (NaN if it never does).
-
-    Example:
-        >>> steps_to_reach([0, 10, 20], [0.1, 0.7, 0.9], 0.7)
-        10.0
-    """
-    hit = np.nonzero(np.asarray(curve) >= target)[0]
-    return float(steps_[hit[0]]) if len(hit) else math.nan
 
 
 # --------------------------------------------------------------------------------------------
@@ -157,15 +124,6 @@ def _copy(tree: Any) -> Any:
     return jax.tree.map(jnp.copy, tree)
 
 
-def _cell(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
-    finite = [v for v in values if math.isfinite(v)]
-    if not finite:
-        return "diverged"
-    cell = report.pm(finite, scale, digits)
-    return cell if len(finite) == len(values) else \
-        f"{cell} ({len(values) - len(finite)}/{len(values)} diverged)"
-
-
 def _epochs(runner: Runner, epoch_fn: scanned.EpochFn, carry: scanned.Carry,
             hyper: scanned.Hyper, x: jax.Array, y: jax.Array, batch: int, seed: int,
             epochs: range, after: Callable[[int, scanned.Carry], None] | None = None
@@ -186,11 +144,11 @@ def _epochs(runner: Runner, epoch_fn: scanned.EpochFn, carry: scanned.Carry,
 # EMA vs PreciseBN on the LeNet.
 
 
-def _pb_lr(p: Any, batch: int) -> float:
+def _pb_lr(p: Protocol, batch: int) -> float:
     return p.pb_lr * batch / p.pb_lr_batch
 
 
-def _pb_run(runner: Runner, p: Any, batch: int, seed: int, data: tuple[Any, ...]
+def _pb_run(runner: Runner, p: Protocol, batch: int, seed: int, data: tuple[Any, ...]
             ) -> dict[str, Any]:
     """One run: the accuracies after every epoch (running averages per momentum, PreciseBN),
     and at the end PreciseBN's accuracy per sample size and subset."""
@@ -233,12 +191,26 @@ def _pb_run(runner: Runner, p: Any, batch: int, seed: int, data: tuple[Any, ...]
     return out
 
 
-def _final(runs: Sequence[dict[str, Any]], key: str, momentum: float | None = None
-           ) -> list[float]:
+def _pb_keys(p: Protocol) -> tuple[Any, ...]:
+    """The curves of every run: one per running-average momentum, and ``"precise"``."""
+    return (*p.pb_momenta, "precise")
+
+
+def _curves(runs: Sequence[dict[str, Any]], key: Any) -> list[list[float]]:
+    """Each run's accuracy after every epoch, for a momentum's running averages or
+    ``"precise"``."""
+    return [r["precise"] if key == "precise" else r["ema"][key] for r in runs]
+
+
+def _converged(runs: Sequence[dict[str, Any]], key: Any) -> list[list[float]]:
+    """The curves of the runs that did not diverge."""
+    return [c for c, r in zip(_curves(runs, key), runs, strict=True) if not r["diverged"]]
+
+
+def _final(runs: Sequence[dict[str, Any]], key: Any) -> list[float]:
     """The last epoch's accuracy of each run (NaN if it diverged)."""
-    curves = [r["ema"][momentum] if key == "ema" else r[key] for r in runs]
     return [c[-1] if c and not r["diverged"] else math.nan
-            for c, r in zip(curves, runs, strict=True)]
+            for c, r in zip(_curves(runs, key), runs, strict=True)]
 
 
 def _plateau_gap(runs: Sequence[dict[str, Any]], n: int, largest: int) -> list[float]:
@@ -247,7 +219,7 @@ def _plateau_gap(runs: Sequence[dict[str, Any]], n: int, largest: int) -> list[f
             for r in runs if n in r["plateau"]]
 
 
-def _plateau(p: Any, results: dict[int, list[dict[str, Any]]]) -> tuple[str, dict[int, Any]]:
+def _plateau(p: Protocol, results: dict[int, list[dict[str, Any]]]) -> tuple[str, dict[int, Any]]:
     """The sample-size table, and per batch size the smallest sample on the plateau."""
     sizes = [n for n in p.pb_sample_sizes
              if any(n in r["plateau"] for rs in results.values() for r in rs)]
@@ -268,43 +240,40 @@ def _plateau(p: Any, results: dict[int, list[dict[str, Any]]]) -> tuple[str, dic
     return report.table(header, rows), needed
 
 
-def ema_vs_precise(runner: Runner, p: Any, seeds: Sequence[int]):
-    """EMA vs PreciseBN across batch sizes and momenta; PreciseBN's sample size."""
-    n = p.pb_train_size
-    x_np = runner.ds.train_images[:n]
-    data = (x_np, jnp.asarray(x_np), jnp.asarray(runner.ds.train_labels[:n]))
-    results = {b: [_pb_run(runner, p, b, s, data) for s in seeds] for b in p.pb_batch_sizes}
+def _pb_table(p: Protocol, results: dict[int, list[dict[str, Any]]], n: int) -> str:
+    """Per batch size: each curve's final accuracy, then its jitter."""
+    rows = []
+    for b, runs in results.items():
+        cells = [report.runs_cell(_final(runs, key)) for key in _pb_keys(p)]
+        jitters = []
+        for key in _pb_keys(p):
+            ok = _converged(runs, key)
+            jitters.append(report.pm([report.jitter(c) for c in ok], 100.0, 2) if ok
+                           else "diverged")
+        rows.append([str(b), f"{_pb_lr(p, b):.3g}", str(n // b), *cells, *jitters])
+    header = ["batch", "lr", "steps/epoch",
+              *(f"EMA {m:g}" for m in p.pb_momenta), "PreciseBN",
+              *(f"jitter, EMA {m:g}" for m in p.pb_momenta), "jitter, PreciseBN"]
+    return report.table(header, rows)
+
+
+def _pb_figure(p: Protocol, results: dict[int, list[dict[str, Any]]]) -> Any:
+    """The curves at the largest batch, the final accuracies against the batch size, and
+    PreciseBN's distance to its plateau against its sample size."""
     labels = {**{m: f"running averages, momentum {m:g}" for m in p.pb_momenta},
               "precise": f"PreciseBN ({p.pb_images} images)"}
     colors = {**{m: f"C{i + 1}" for i, m in enumerate(p.pb_momenta)}, "precise": "C0"}
     fig, (ax_curve, ax_batch, ax_n) = report.figure(wide=True, ncols=3)
     largest = max(p.pb_batch_sizes)
-    epochs = np.arange(1, p.pb_epochs + 1)
-    rows = []
-    for b, runs in results.items():
-        cells, jitters = [], []
-        for key in (*p.pb_momenta, "precise"):
-            curves = [r["ema"][key] if key != "precise" else r["precise"] for r in runs]
-            final = _final(runs, "precise" if key == "precise" else "ema",
-                           None if key == "precise" else key)
-            cells.append(_cell(final))
-            ok = [c for c, r in zip(curves, runs, strict=True) if not r["diverged"]]
-            jitters.append(report.pm([jitter(c) for c in ok], 100.0, 2) if ok else "diverged")
-            if b == largest and ok:
-                report.band(ax_curve, epochs, [100 * np.asarray(c) for c in ok], labels[key],
-                            color=colors[key], marker=".", ms=3)
-        spe = n // b
-        rows.append([str(b), f"{_pb_lr(p, b):.3g}", str(spe), *cells, *jitters])
-    for key in (*p.pb_momenta, "precise"):
-        finals = [_final(results[b], "precise" if key == "precise" else "ema",
-                         None if key == "precise" else key) for b in p.pb_batch_sizes]
-        mean = [np.nanmean(100 * np.asarray(f)) if np.isfinite(f).any() else np.nan
-                for f in finals]
-        std = [np.nanstd(100 * np.asarray(f), ddof=1) if np.isfinite(f).sum() > 1 else 0.0
-               for f in finals]
-        ax_batch.errorbar(p.pb_batch_sizes, mean, yerr=std, label=labels[key],
-                          color=colors[key], marker="o", ms=3, capsize=2, lw=1.2)
-    plateau_table, needed = _plateau(p, results)
+    for key in _pb_keys(p):
+        ok = _converged(results[largest], key)
+        if ok:
+            report.band(ax_curve, np.arange(1, p.pb_epochs + 1),
+                        [100 * np.asarray(c) for c in ok], labels[key], color=colors[key],
+                        marker=".", ms=3)
+        report.nan_errorbar(ax_batch, p.pb_batch_sizes,
+                            [100 * np.asarray(_final(results[b], key)) for b in p.pb_batch_sizes],
+                            labels[key], color=colors[key])
     for i, (b, runs) in enumerate(results.items()):
         sizes = [m for m in p.pb_sample_sizes if any(m in r["plateau"] for r in runs)]
         if sizes:
@@ -324,16 +293,17 @@ def ema_vs_precise(runner: Runner, p: Any, seeds: Sequence[int]):
         ax.xaxis.label.set_fontsize(8)
         ax.yaxis.label.set_fontsize(8)
         ax.legend(fontsize=6)
-    header = ["batch", "lr", "steps/epoch",
-              *(f"EMA {m:g}" for m in p.pb_momenta), "PreciseBN",
-              *(f"jitter, EMA {m:g}" for m in p.pb_momenta), "jitter, PreciseBN"]
+    return fig
+
+
+def _pb_notes(runner: Runner, p: Protocol, n: int, needed: dict[int, Any]) -> list[str]:
     plateau_line = "; ".join(f"batch {b}: {needed.get(b, 'not reached')}"
                              for b in p.pb_batch_sizes)
-    notes = [
+    return [
         f"{n} training images of {runner.ds.name}, {p.pb_epochs} epochs at every batch size; "
         f"SGD momentum 0.9, no weight decay; the learning rate is {p.pb_lr:g} × batch / "
         f"{p.pb_lr_batch} (linear scaling), warmed up linearly over "
-        f"{_plural(p.pb_warmup_epochs, 'epoch')}, then cosine decay to 0. "
+        f"{report.plural(p.pb_warmup_epochs, 'epoch')}, then cosine decay to 0. "
         f"{len(runner.test_images)} test images.",
         "One training run per batch size and seed: BN's weights do not depend on its "
         "momentum, so the model's BN returns each batch's moments and the run keeps one "
@@ -350,12 +320,18 @@ def ema_vs_precise(runner: Runner, p: Any, seeds: Sequence[int]):
         "with the largest sample. Smallest N within "
         f"{PLATEAU_POINTS:g} points of it: {plateau_line}.",
     ]
+
+
+def ema_vs_precise(runner: Runner, p: Protocol, seeds: Sequence[int]):
+    """EMA vs PreciseBN across batch sizes and momenta; PreciseBN's sample size."""
+    n = p.pb_train_size
+    x_np = runner.ds.train_images[:n]
+    data = (x_np, jnp.asarray(x_np), jnp.asarray(runner.ds.train_labels[:n]))
+    results = {b: [_pb_run(runner, p, b, s, data) for s in seeds] for b in p.pb_batch_sizes}
+    plateau_table, needed = _plateau(p, results)
     return ("EMA vs PreciseBN across batch sizes and momenta",
-            report.table(header, rows) + "\n\n" + plateau_table, notes, fig)
-
-
-def _plural(n: float, word: str) -> str:
-    return f"{n:g} {word}" + ("" if n == 1 else "s")
+            _pb_table(p, results, n) + "\n\n" + plateau_table,
+            _pb_notes(runner, p, n, needed), _pb_figure(p, results))
 
 
 # --------------------------------------------------------------------------------------------
@@ -370,11 +346,11 @@ _FZ_COLUMNS = {
 }
 
 
-def _fz_lr(p: Any, global_batch: int) -> float:
+def _fz_lr(p: Protocol, global_batch: int) -> float:
     return p.fz_lr * min(1.0, global_batch / p.fz_lr_batch)
 
 
-def _fz_run(runner: Runner, p: Any, b: int, seed: int, data: tuple[Any, ...]
+def _fz_run(runner: Runner, p: Protocol, b: int, seed: int, data: tuple[Any, ...]
             ) -> dict[str, float]:
     """The five variants at ``b`` images per replica: their final test accuracies."""
     x_np, x, y = data
@@ -423,7 +399,7 @@ def _fz_run(runner: Runner, p: Any, b: int, seed: int, data: tuple[Any, ...]
     return acc
 
 
-def frozen_bn(runner: Runner, p: Any, seeds: Sequence[int]):
+def frozen_bn(runner: Runner, p: Protocol, seeds: Sequence[int]):
     """BN with small per-replica batches: FrozenBN against PreciseBN, Batch Renorm and
     synchronized BN."""
     n = p.fz_train_size
@@ -436,10 +412,7 @@ def frozen_bn(runner: Runner, p: Any, seeds: Sequence[int]):
               "synced": dict(color="C4", ls=":")}
     for key, label in _FZ_COLUMNS.items():
         acc = [[100 * a[key] for a in results[b]] for b in p.fz_batch_sizes]
-        mean = [np.nanmean(a) if np.isfinite(a).any() else np.nan for a in acc]
-        std = [np.nanstd(a, ddof=1) if np.isfinite(a).sum() > 1 else 0.0 for a in acc]
-        ax.errorbar(p.fz_batch_sizes, mean, yerr=std, label=label, marker="o", ms=3,
-                    capsize=2, lw=1.2, **styles[key])
+        report.nan_errorbar(ax, p.fz_batch_sizes, acc, label, **styles[key])
     ax.set_xscale("log", base=2)
     ax.set_xticks(p.fz_batch_sizes, [str(b) for b in p.fz_batch_sizes])
     ax.minorticks_off()
@@ -451,7 +424,7 @@ def frozen_bn(runner: Runner, p: Any, seeds: Sequence[int]):
     for b in p.fz_batch_sizes:
         g = p.fz_replicas * b
         rows.append([str(b), str(g), str(p.fz_epochs * (n // g)), f"{_fz_lr(p, g):.3g}",
-                     *(_cell([a[k] for a in results[b]]) for k in _FZ_COLUMNS)])
+                     *(report.runs_cell([a[k] for a in results[b]]) for k in _FZ_COLUMNS)])
     header = ["per-replica batch", "global batch", "steps", "lr", *_FZ_COLUMNS.values()]
     notes = [
         f"{n} training images of {runner.ds.name}, {p.fz_epochs} epochs, SGD momentum 0.9, "
@@ -467,212 +440,14 @@ def frozen_bn(runner: Runner, p: Any, seeds: Sequence[int]):
         f"BN + PreciseBN: the BN runs evaluated with the statistics of {p.fz_images} training "
         "images, recomputed with the training-mode forward pass on batches of the "
         "per-replica size. BN + FrozenBN: the same runs, whose last "
-        f"{_plural(p.fz_frozen_epochs, 'epoch')} train with BN frozen at those statistics "
+        f"{report.plural(p.fz_frozen_epochs, 'epoch')} train with BN frozen at those statistics "
         "(computed at the switch), as `train.lenet --freeze-bn-epochs` does.",
     ]
     return ("FrozenBN for small batches: BN, PreciseBN, FrozenBN, Batch Renorm, synced BN",
             report.table(header, rows), notes, fig)
 
 
-# --------------------------------------------------------------------------------------------
-# The BN paper's Fig. 1.
-
-
-@functools.cache
-def _fig1_chunk(lr: float) -> Callable[..., Any]:
-    """A jitted ``lax.scan`` of SGD steps on the MLP: ``(net, stats, x, y, idx) -> (net,
-    stats, losses)``, ``x`` uint8 ``(M, 784)``, ``idx`` ``(steps, batch)``; compiled once per
-    network (with and without BN) and number of steps."""
-
-    def loss_fn(net, stats, x, y):
-        logits, stats, _ = mlp.apply(net, stats, x, training=True)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), stats
-
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
-    @jax.jit
-    def chunk(net, stats, x, y, idx):
-        def step(carry, i):
-            net, stats = carry
-            (loss, stats), grads = grad_fn(net, stats, x[i].astype(jnp.float32) / 255, y[i])
-            return (jax.tree.map(lambda p, g: p - lr * g, net, grads), stats), loss
-
-        (net, stats), losses = lax.scan(step, (net, stats), idx)
-        return net, stats, losses
-
-    return chunk
-
-
-@jax.jit
-def _fig1_eval(net: mlp.MLP, stats: Any, x: jax.Array, y: jax.Array
-               ) -> tuple[jax.Array, jax.Array]:
-    """Test accuracy, and the 15/50/85th percentiles over the images of every last-layer
-    sigmoid's input, ``(3, 100)``."""
-    logits, _, pre = mlp.apply(net, stats, x, training=False)
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == y)
-    return accuracy, jnp.percentile(pre, jnp.array([15.0, 50.0, 85.0]), axis=0)
-
-
-@jax.jit
-def _fig1_precise(net: mlp.MLP, stats: Any, batches: jax.Array) -> Any:
-    """PreciseBN with the functional API: one ``lax.scan`` over the stacked batches."""
-    return jaxbn.precise_batch_stats(functools.partial(mlp.moments, net), stats, batches)
-
-
-def _fig1_indices(n: int, batch: int, seed: int, start: int, count: int) -> np.ndarray:
-    """Steps ``start .. start + count - 1`` of the training order, ``(count, batch)``."""
-    spe = n // batch
-    rows, order = [], None
-    for s in range(start, start + count):
-        e, i = divmod(s, spe)
-        if order is None or i == 0:
-            order = scanned.epoch_indices(n, batch, seed=seed, epoch=e)
-        rows.append(order[i])
-    return np.stack(rows)
-
-
-def _fig1_run(p: Any, bn: bool, seed: int, data: tuple[Any, ...]) -> dict[str, Any]:
-    """One network: test accuracy (and, with BN, with PreciseBN) and the percentiles of the
-    last hidden layer's sigmoid inputs, at step 0 and every ``f1_eval_every`` steps."""
-    x_np, x, y, x_test, y_test = data
-    net, stats = mlp.init(jax.random.key(seed), bn=bn)
-    chunk = _fig1_chunk(float(p.f1_lr))
-    out: dict[str, Any] = {"steps": [], "accuracy": [], "precise": [], "percentiles": [],
-                           "diverged": False}
-
-    def evaluate(step: int) -> None:
-        accuracy, percentiles = _fig1_eval(net, stats, x_test, y_test)
-        out["steps"].append(step)
-        out["accuracy"].append(float(accuracy))
-        out["percentiles"].append(np.asarray(percentiles))
-        if bn:
-            idx = scanned.epoch_indices(len(x_np), p.f1_batch, seed=seed, epoch=10_000 + step)
-            k = population.num_precise_batches(p.f1_images, p.f1_batch, len(idx))
-            batches = jnp.asarray(x_np[idx[:k]].astype(np.float32) / 255)
-            out["precise"].append(float(_fig1_eval(
-                net, _fig1_precise(net, stats, batches), x_test, y_test)[0]))
-
-    evaluate(0)
-    for start in range(0, p.f1_steps, p.f1_eval_every):
-        count = min(p.f1_eval_every, p.f1_steps - start)
-        idx = jnp.asarray(_fig1_indices(len(x_np), p.f1_batch, seed, start, count))
-        net, stats, losses = chunk(net, stats, x, y, idx)
-        if not np.all(np.isfinite(np.asarray(losses))):
-            out["diverged"] = True
-            break
-        evaluate(start + count)
-    return out
-
-
-def _fig1_drift(runs: Sequence[dict[str, Any]]) -> tuple[str, str]:
-    """How far the last layer's sigmoid inputs move after the first evaluation: the median
-    over units (and seeds) of the range of each unit's 50th percentile, and of its 15-85
-    spread."""
-    medians, spreads = [], []
-    for r in runs:
-        q = np.stack(r["percentiles"][1:])  # (evaluations, 3, units), from the first one on
-        medians.append(np.median(np.ptp(q[:, 1], axis=0)))
-        spreads.append(np.median(np.ptp(q[:, 2] - q[:, 0], axis=0)))
-    return report.pm(medians, digits=2), report.pm(spreads, digits=2)
-
-
-def bn_paper_fig1(runner: Runner, p: Any, seeds: Sequence[int]):
-    """The BN paper's Fig. 1 on Fashion-MNIST: the sigmoid MLP with and without BN."""
-    ds = runner.ds
-    n = p.f1_train_size
-    x_np = ds.train_images[:n].reshape(n, -1)
-    test_x = ds.test_images[:p.f1_test_size]
-    data = (x_np, jnp.asarray(x_np), jnp.asarray(ds.train_labels[:n]),
-            jnp.asarray(test_x.reshape(len(test_x), -1).astype(np.float32) / 255),
-            jnp.asarray(ds.test_labels[:p.f1_test_size]))
-    runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
-    for seed in seeds:
-        for bn in (False, True):
-            t0 = time.perf_counter()
-            runs[bn].append(_fig1_run(p, bn, seed, data))
-            r = runs[bn][-1]
-            runner.runs_done += 1
-            runner.log(f"  bn_paper_fig1 {'BN' if bn else 'no BN'} seed={seed}: "
-                       f"test_accuracy={r['accuracy'][-1]:.4f}"
-                       + (f" precise={r['precise'][-1]:.4f}" if bn else "")
-                       + (" DIVERGED" if r["diverged"] else "")
-                       + f" ({time.perf_counter() - t0:.1f} s)")
-    curves = {
-        "no BN": [r["accuracy"] for r in runs[False]],
-        "BN, running averages": [r["accuracy"] for r in runs[True]],
-        "BN, PreciseBN": [r["precise"] for r in runs[True]],
-    }
-    x_steps = np.asarray(runs[True][0]["steps"])
-    fig, (ax_acc, ax_none, ax_bn) = report.figure(wide=True, ncols=3)
-    for (label, cs), color in zip(curves.items(), ("C1", "C2", "C0"), strict=True):
-        report.band(ax_acc, x_steps, [100 * np.asarray(c) for c in cs], label, color=color)
-    ax_acc.set(xlabel="step", ylabel="test accuracy (%)")
-    ax_acc.set_ylim(max(0.0, 100 * min(np.min(c[1:]) for cs in curves.values() for c in cs)
-                        - 2), None)
-    ax_acc.set_title("(a) test accuracy", fontsize=9)
-    ax_acc.legend(fontsize=6)
-    lows, highs = [], []
-    for ax, bn, title in ((ax_none, False, "(b) without BN"), (ax_bn, True, "(c) with BN")):
-        q = np.stack(runs[bn][0]["percentiles"])[:, :, FIG1_UNIT]
-        for j, pct in enumerate((15, 50, 85)):
-            ax.plot(runs[bn][0]["steps"], q[:, j], color="C0", lw=1.2 if pct == 50 else 0.8,
-                    ls="-" if pct == 50 else "--", label=f"{pct}th percentile")
-        lows.append(q.min())
-        highs.append(q.max())
-        ax.set(xlabel="step", ylabel=f"input of sigmoid {FIG1_UNIT}, last hidden layer")
-        ax.set_title(f"{title} (seed {seeds[0]})", fontsize=9)
-        ax.legend(fontsize=6)
-    for ax in (ax_none, ax_bn):
-        ax.set_ylim(min(lows) - 0.5, max(highs) + 0.5)
-    for ax in (ax_acc, ax_none, ax_bn):
-        ax.xaxis.label.set_fontsize(8)
-        ax.yaxis.label.set_fontsize(8)
-    listed = [s for s in FIG1_TABLE_STEPS if s in runs[True][0]["steps"]] or \
-        [runs[True][0]["steps"][-1]]
-    rows = []
-    for s in listed:
-        i = runs[True][0]["steps"].index(s)
-        rows.append([str(s), *(_cell([c[i] if i < len(c) else math.nan for c in cs])
-                               for cs in curves.values())])
-    final_none = float(np.mean([c[-1] for c in curves["no BN"]]))
-    reach = [[steps_to_reach(x_steps, c, final_none) for c in cs] for cs in curves.values()]
-    drift = {bn: _fig1_drift(runs[bn]) for bn in (False, True)}
-    summary = [
-        ["jitter (points)", *(report.pm([jitter(c) for c in cs], 100.0, 2)
-                              for cs in curves.values())],
-        ["steps to no BN's final accuracy",
-         *(report.pm(v, digits=0) if np.isfinite(v).all() else
-           f"not reached ({int(np.isnan(v).sum())}/{len(v)})" for v in reach)],
-        ["drift of the median input", drift[False][0], drift[True][0], "(same network)"],
-        ["drift of the 15–85 spread", drift[False][1], drift[True][1], "(same network)"],
-    ]
-    header = ["step", *curves]
-    notes = [
-        f"784-100-100-100-10 MLP, sigmoid hidden units, written with jaxbn's functional API "
-        f"(train/mlp.py); BN on every hidden layer (before the sigmoid), none on the output. "
-        f"Plain SGD, learning rate {p.f1_lr:g}, batch {p.f1_batch}, {p.f1_steps} steps over "
-        f"the first {n} training images of {ds.name} (pixels / 255); LeCun-normal "
-        f"initialization; BN's running averages with momentum {mlp.MOMENTUM:g}. Test "
-        f"accuracy on {len(test_x)} test images every {p.f1_eval_every} steps.",
-        f"BN, PreciseBN: the same BN network evaluated with statistics recomputed at each "
-        f"evaluation from {p.f1_images} training images (batches of {p.f1_batch}, "
-        "jaxbn.precise_batch_stats).",
-        "Last rows: jitter is the mean absolute change of the test accuracy between "
-        "consecutive evaluations over the second half of training; 'steps to' is the first "
-        "evaluation at which the curve reaches the no-BN network's final accuracy (mean over "
-        "seeds); drift is, over the last hidden layer's 100 sigmoid units (median over "
-        "units), the range over the evaluations from the first one on of a unit's 50th "
-        "percentile and of its 85th − 15th percentile, inputs from the test images in "
-        "inference mode (BN with its running averages).",
-        f"Plots (b) and (c): unit {FIG1_UNIT} of the last hidden layer, seed {seeds[0]}, "
-        "over the test images, on the same scale.",
-    ]
-    return ("The BN paper's Fig. 1 on Fashion-MNIST",
-            report.table(header, rows + summary), notes, fig)
-
-
 EXPERIMENTS: dict[str, Callable[..., Any]] = {
     "ema_vs_precise": ema_vs_precise,
     "frozen_bn": frozen_bn,
-    "bn_paper_fig1": bn_paper_fig1,
 }

@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import warnings
@@ -29,12 +30,17 @@ __all__ = [
     "environment",
     "errorbar",
     "figure",
+    "jitter",
     "loss_cell",
     "mean_std",
+    "nan_errorbar",
     "parse_table",
+    "plural",
     "pm",
+    "runs_cell",
     "save_figure",
     "smooth",
+    "steps_to_reach",
     "table",
     "write_table",
 ]
@@ -58,6 +64,29 @@ def smooth(losses: np.ndarray, window: int) -> np.ndarray:
     return (c[n] - c[lo]) / (n - lo)
 
 
+def jitter(curve: Sequence[float]) -> float:
+    """Mean absolute change between consecutive values of the curve's second half (at least
+    its last two values; NaN for fewer than two).
+
+    Example:
+        >>> round(jitter([0.1, 0.5, 0.80, 0.82, 0.80, 0.83]), 6)
+        0.025
+    """
+    tail = np.asarray(curve, np.float64)[min(len(curve) // 2, len(curve) - 2):]
+    return float(np.mean(np.abs(np.diff(tail)))) if len(tail) > 1 else math.nan
+
+
+def steps_to_reach(steps_: Sequence[int], curve: Sequence[float], target: float) -> float:
+    """The first step at which ``curve`` reaches ``target`` (NaN if it never does).
+
+    Example:
+        >>> steps_to_reach([0, 10, 20], [0.1, 0.7, 0.9], 0.7)
+        10.0
+    """
+    hit = np.nonzero(np.asarray(curve) >= target)[0]
+    return float(steps_[hit[0]]) if len(hit) else math.nan
+
+
 def pm(values: Sequence[float], scale: float = 1.0, digits: int = 1) -> str:
     """``'mean ± std'`` of ``values * scale``."""
     mean, std = mean_std(np.asarray(values) * scale)
@@ -77,6 +106,32 @@ def loss_cell(results: Sequence[Result], attr: str = "test_loss") -> str:
     if n:
         return f"diverged ({n}/{len(results)})"
     return pm([getattr(r, attr) for r in results], digits=3)
+
+
+def plural(n: float, word: str) -> str:
+    """``n`` and ``word``, with an ``s`` unless ``n`` is 1.
+
+    Example:
+        >>> plural(1, "epoch"), plural(0.5, "epoch")
+        ('1 epoch', '0.5 epochs')
+    """
+    return f"{n:g} {word}" + ("" if n == 1 else "s")
+
+
+def runs_cell(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
+    """``values`` (one per run, NaN for a run that diverged) as mean ± std of the finite ones,
+    with the count of diverged runs.
+
+    Example:
+        >>> runs_cell([0.5, 0.7, float("nan")])
+        '60.0 ± 14.1 (1/3 diverged)'
+    """
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        return "diverged"
+    cell = pm(finite, scale, digits)
+    return cell if len(finite) == len(values) else \
+        f"{cell} ({len(values) - len(finite)}/{len(values)} diverged)"
 
 
 def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -169,5 +224,14 @@ def errorbar(ax, x, results: Sequence[Sequence[Result]], label: str, **kw) -> No
     acc = [[100 * r.test_accuracy for r in rs] for rs in results]
     mean = [np.mean(a) for a in acc]
     std = [np.std(a, ddof=1) if len(a) > 1 else 0.0 for a in acc]
+    kw = {"marker": "o", "ms": 3, "capsize": 2, "lw": 1.2, **kw}
+    ax.errorbar(x, mean, yerr=std, label=label, **kw)
+
+
+def nan_errorbar(ax, x, values: Sequence[Sequence[float]], label: str, **kw) -> None:
+    """Mean and ±1 std of each point's ``values`` against ``x``, NaNs (diverged runs) left
+    out: NaN where all are, no bar where one is left."""
+    mean = [np.nanmean(v) if np.isfinite(v).any() else np.nan for v in values]
+    std = [np.nanstd(v, ddof=1) if np.isfinite(v).sum() > 1 else 0.0 for v in values]
     kw = {"marker": "o", "ms": 3, "capsize": 2, "lw": 1.2, **kw}
     ax.errorbar(x, mean, yerr=std, label=label, **kw)

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from train import data, distributed, steps
+from train import batching, data, distributed, steps
 from train.model import LeNet
 
 __all__ = ["BN_MOMENTUM", "CHECK_EVERY", "Result", "Runner", "Spec"]
@@ -117,12 +117,12 @@ def _model(spec: Spec, num_classes: int) -> LeNet:
 
 
 def _indices(n: int, batch_size: int, seed: int, steps: int) -> Iterator[np.ndarray]:
-    """Yields ``steps`` index batches in :func:`train.data.batches`' order (epoch after
+    """Yields ``steps`` index batches in :func:`train.batching.batches`' order (epoch after
     epoch, each a permutation of ``(seed, epoch)``, the last partial batch dropped)."""
     ids = np.arange(n)
     k, epoch = 0, 0
     while True:
-        for idx, _ in data.batches(ids, ids, batch_size, seed=seed, epoch=epoch):
+        for idx, _ in batching.batches(ids, ids, batch_size, seed=seed, epoch=epoch):
             if k == steps:
                 return
             yield idx

@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from train import data, steps
+from train import batching, steps
 from train.distributed import AXIS
 
 __all__ = ["SCHEDULES", "Carry", "EpochFn", "Hyper", "epoch_indices", "init_carry",
@@ -164,6 +164,6 @@ def make_epoch(loss_fn: steps.LossFn, *, replicas: int = 1,
 
 def epoch_indices(n: int, batch_size: int, *, seed: int, epoch: int) -> np.ndarray:
     """The batches of an epoch as indices, ``(n // batch_size, batch_size)`` int32, in the
-    order of :func:`train.data.batches` (a permutation of ``(seed, epoch)``)."""
+    order of :func:`train.batching.batches` (a permutation of ``(seed, epoch)``)."""
     ids = np.arange(n, dtype=np.int32)
-    return np.stack([i for i, _ in data.batches(ids, ids, batch_size, seed=seed, epoch=epoch)])
+    return np.stack([i for i, _ in batching.batches(ids, ids, batch_size, seed=seed, epoch=epoch)])

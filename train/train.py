@@ -21,6 +21,9 @@ feeds only its rows of every global batch and of every evaluation batch, and BN'
 statistics, the loss and the test metrics are reduced over all devices of all processes, so
 the run computes what one process with the same ``--devices`` computes. Only process 0
 prints the progress, writes ``metrics.jsonl`` and plots.
+
+What a run needs before its first step (the workdir locked and archived, the data, the
+compiled steps, the checkpoints) is :mod:`train.prepare`.
 """
 
 from __future__ import annotations
@@ -34,37 +37,28 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import numpy as np
-import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from train import data, distributed, metrics, population, steps
-from train.checkpoints import Checkpoints, quiet_orbax, unfinished_saves
-from train.config import Config, check_resumable, compile_key, validate
+from train import batching, distributed, metrics, population, steps
+from train.checkpoints import quiet_orbax
+from train.config import Config, check_resumable, validate
 from train.devices import ensure_devices
-from train.errors import ConfigError, DivergedError, StorageError, WorkdirBusyError
-from train.workdir import OUTPUTS, WorkdirLock, archive_previous_run, checkpoint_steps
+from train.distributed import say
+from train.errors import ConfigError, DivergedError
+from train.prepare import Run, StepCallback, locked, prepare
 
 __all__ = ["LOG_EVERY", "StepCallback", "defer_interrupts", "say", "train_and_evaluate"]
 
 #: Steps between host reads of the loss (progress bar, non-finite check).
 LOG_EVERY = 20
-
-#: ``on_step(epoch, step)``, called after each training step is dispatched.
-StepCallback = Callable[[int, int], None]
-
-
-def say(*args: Any, **kwargs: Any) -> None:
-    """``print`` on process 0 only; the other processes of a multi-process run are quiet."""
-    if distributed.is_main_process():
-        print(*args, **kwargs)
 
 
 @contextlib.contextmanager
@@ -99,151 +93,7 @@ def defer_interrupts(doing: str) -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-@contextlib.contextmanager
-def _locked(workdir: Path) -> Iterator[None]:
-    """Holds the workdir's lock (process 0 does; the others learn whether it could)."""
-    lock = error = None
-    if distributed.is_main_process():
-        try:
-            lock = WorkdirLock(workdir).acquire()
-        except (WorkdirBusyError, StorageError) as e:
-            error = e
-    code = distributed.broadcast_from_main(error.exit_code if error else 0)
-    if error is not None:
-        raise error
-    if code:
-        kind = WorkdirBusyError if code == WorkdirBusyError.exit_code else StorageError
-        raise kind(f"process 0 could not lock --workdir {workdir}; its message says why")
-    try:
-        yield
-    finally:
-        if lock is not None:
-            lock.release()
-
-
-@dataclasses.dataclass
-class _Run:
-    """What the epoch loop needs; built once per run."""
-
-    config: Config
-    ds: data.Dataset
-    arrays: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # train x, y; test x, y
-    steps_per_epoch: int
-    eval_batch_size: int
-    model: Any
-    tx: optax.GradientTransformation
-    train_step: Callable[..., Any]
-    eval_step: Callable[..., Any]
-    #: The training step with BN frozen (``--freeze-bn-epochs``); compiled when first used.
-    frozen_step: Callable[..., Any]
-    #: PreciseBN (:func:`train.population.make_precise_fn`); compiled when first used.
-    precise: population.PreciseFn | None
-    mesh: Mesh
-    checkpoints: Checkpoints
-    workdir: Path
-    on_step: StepCallback | None
-    #: This process's shard of every global training batch: ``(index, count)``.
-    shard: tuple[int, int] = (0, 1)
-    #: Whether a previous run's outputs were moved to ``previous/`` (and said so).
-    archived: bool = False
-
-
-def _load(config: Config, devices: int) -> tuple[data.Dataset, tuple[np.ndarray, ...], int]:
-    ds = data.load_dataset(config.dataset, config.data_dir)
-    arrays = (ds.train_images[: config.train_subset], ds.train_labels[: config.train_subset],
-              ds.test_images[: config.test_subset], ds.test_labels[: config.test_subset])
-    if len(arrays[0]) < config.batch_size:
-        raise ConfigError(
-            f"--batch-size {config.batch_size}: expected at most the number of training "
-            f"images, got {len(arrays[0])} images from {ds.source}"
-        )
-    # A multiple of the devices (each gets equal rows), and no larger than the test set needs.
-    eval_batch_size = -(-min(config.eval_batch_size, len(arrays[2])) // devices) * devices
-    return ds, arrays, eval_batch_size
-
-
-class _Built(NamedTuple):
-    model: Any
-    tx: optax.GradientTransformation
-    train_step: Callable[..., Any]
-    eval_step: Callable[..., Any]
-    frozen_step: Callable[..., Any]
-    precise: population.PreciseFn | None
-    mesh: Mesh
-
-
-@functools.lru_cache(maxsize=8)
-def _build(
-    config: Config, steps_per_epoch: int, num_classes: int, devices: tuple[jax.Device, ...],
-    mean: float, std: float,
-) -> _Built:
-    """Model, optimizer, jitted steps and mesh; cached (by :func:`train.config.compile_key`)
-    so that runs with the same settings in one process (tests, sweeps, a resumed run) reuse
-    the compiled steps. Each step compiles when first called."""
-    mesh = distributed.global_mesh(devices)
-    model = steps.make_model(config, num_classes)
-    precise = None if config.norm == "none" else population.make_precise_fn(model, mean, std,
-                                                                            mesh)
-    return _Built(model, steps.make_optimizer(config, steps_per_epoch),
-                  steps.make_train_step(model, mean, std, mesh),
-                  steps.make_eval_step(model, mean, std, mesh),
-                  steps.make_train_step(model, mean, std, mesh, frozen_bn=True), precise, mesh)
-
-
-def _archive(workdir: Path, config: Config) -> bool:
-    """Process 0 moves a previous run's outputs away unless resuming from a checkpoint;
-    returns whether it did (on every process)."""
-    moved = None
-    if distributed.is_main_process():
-        checkpoints = workdir / "checkpoints"
-        unfinished = [p.name for p in unfinished_saves(checkpoints)]
-        moved = archive_previous_run(workdir, config.resume)
-        if moved is not None:
-            note = f" (with an unfinished save, {', '.join(unfinished)})" if unfinished else ""
-            what = ", ".join(
-                f"checkpoints {checkpoint_steps(moved / name)}{note}" if name == "checkpoints"
-                else name for name in OUTPUTS if (moved / name).exists())
-            first = (f"--resume: no checkpoint to resume from in {checkpoints}; starting "
-                     "from scratch" if config.resume else "starting from scratch")
-            print(f"{first}: moved the previous run's {what} to {moved}"
-                  + ("" if config.resume else " (pass --resume to continue a run instead)"),
-                  flush=True)
-    return bool(distributed.broadcast_from_main(moved is not None))
-
-
-def _prepare(config: Config, workdir: Path, devices: Sequence[jax.Device],
-             on_step: StepCallback | None) -> _Run:
-    """Loads the data, builds the model, optimizer, steps and mesh, and opens checkpoints."""
-    ds, arrays, eval_batch_size = _load(config, config.devices)
-    steps_per_epoch = data.num_batches(len(arrays[0]), config.batch_size)
-    mean, std = data.pixel_stats(ds.name, dataset=ds)
-    built = _build(compile_key(config), steps_per_epoch, ds.num_classes, tuple(devices),
-                   mean, std)
-    mesh = built.mesh
-    processes = jax.process_count()
-    # This process's rows of every global batch: block `index` of `processes` equal blocks.
-    rows = distributed.process_batch_slice(config.batch_size, mesh)
-    archived = _archive(workdir, config)
-    where = f"{len(devices)} {devices[0].platform} device(s)"
-    if processes > 1:
-        where += f" in {processes} processes ({len(devices) // processes} each)"
-    say(f"data: {ds.name} from {ds.source}: {len(arrays[0])} train / {len(arrays[2])} test "
-        f"images; {steps_per_epoch} steps of {config.batch_size} per epoch on {where}; "
-        f"norm={config.norm} optimizer={config.optimizer} lr={config.lr} "
-        f"schedule={config.schedule}", flush=True)
-    checkpoints = Checkpoints(workdir / "checkpoints", main=distributed.is_main_process(),
-                              say=functools.partial(say, file=sys.stderr, flush=True))
-    if checkpoints.removed:
-        say(f"removed an unfinished checkpoint save: {', '.join(map(str, checkpoints.removed))}"
-            " (a run stopped while saving)", file=sys.stderr, flush=True)
-    return _Run(config, ds, arrays, steps_per_epoch, eval_batch_size, built.model, built.tx,
-                built.train_step, built.eval_step, built.frozen_step, built.precise, mesh,
-                checkpoints, workdir, on_step,
-                shard=(rows.start // (config.batch_size // processes), processes),
-                archived=archived)
-
-
-def _check_checkpoint(run: _Run, meta: dict[str, Any], path: Path) -> None:
+def _check_checkpoint(run: Run, meta: dict[str, Any], path: Path) -> None:
     changed = check_resumable(meta.get("config", {}), run.config, path)
     if meta.get("steps_per_epoch", run.steps_per_epoch) != run.steps_per_epoch:
         raise ConfigError(
@@ -256,11 +106,11 @@ def _check_checkpoint(run: _Run, meta: dict[str, Any], path: Path) -> None:
             "will differ from an uninterrupted run", file=sys.stderr)
 
 
-def _start(run: _Run) -> tuple[steps.TrainState, jax.Array, dict[str, Any] | None, list]:
+def _start(run: Run) -> tuple[steps.TrainState, jax.Array, dict[str, Any] | None, list]:
     """A fresh state, or the latest intact checkpoint's with ``--resume``."""
     config = run.config
     init_key, rng = jax.random.split(jax.random.key(config.seed))
-    state = steps.create_train_state(run.model, run.tx, init_key, run.ds.image_shape)
+    state = steps.create_train_state(run.built.model, run.built.tx, init_key, run.ds.image_shape)
     if not config.resume:
         return state, rng, None, []
     restored = run.checkpoints.restore_latest(
@@ -298,7 +148,7 @@ def _last_good(checkpoint: Path | None) -> str:
     return f"Last good checkpoint: {checkpoint} (continue with --resume)."
 
 
-def _flush(pending: list[tuple[int, dict[str, jax.Array]]], epoch: int, run: _Run,
+def _flush(pending: list[tuple[int, dict[str, jax.Array]]], epoch: int, run: Run,
            last_checkpoint: Path | None, bar: tqdm, sums: dict[str, Any]) -> None:
     """Reads pending step metrics into ``sums``, stops on a non-finite loss, updates the bar."""
     host = jax.device_get([m for _, m in pending])
@@ -320,7 +170,7 @@ def _flush(pending: list[tuple[int, dict[str, jax.Array]]], epoch: int, run: _Ru
     pending.clear()
 
 
-def _train_epoch(run: _Run, state: steps.TrainState, epoch: int, start: int,
+def _train_epoch(run: Run, state: steps.TrainState, epoch: int, start: int,
                  sums: dict[str, Any], last_checkpoint: Path | None,
                  train_step: Callable[..., Any]) -> tuple[steps.TrainState, dict[str, float]]:
     """Trains from batch ``start`` of ``epoch`` to its end (or to ``max_steps``) with
@@ -329,7 +179,7 @@ def _train_epoch(run: _Run, state: steps.TrainState, epoch: int, start: int,
     config, step = run.config, int(state.step)
     stop = run.steps_per_epoch if config.max_steps is None else \
         min(run.steps_per_epoch, start + config.max_steps - step)
-    batches = data.batches(run.arrays[0], run.arrays[1], config.batch_size, seed=config.seed,
+    batches = batching.batches(run.arrays[0], run.arrays[1], config.batch_size, seed=config.seed,
                            epoch=epoch, shard_index=run.shard[0], num_shards=run.shard[1])
     pending: list[tuple[int, dict[str, jax.Array]]] = []
     bar = tqdm(total=run.steps_per_epoch, initial=start, desc=f"epoch {epoch + 1}/"
@@ -343,7 +193,7 @@ def _train_epoch(run: _Run, state: steps.TrainState, epoch: int, start: int,
                 continue  # Resuming mid-epoch: same order, skip what was done.
             if i >= stop:
                 break
-            batch = distributed.make_global_batch((images, labels), run.mesh)
+            batch = distributed.make_global_batch((images, labels), run.built.mesh)
             state, step_metrics = train_step(state, *batch)
             step += 1
             pending.append((step, step_metrics))
@@ -373,7 +223,7 @@ def _epoch_sums(meta: dict[str, Any] | None, start: int) -> dict[str, Any]:
     return {"loss": 0.0, "correct": 0, "steps": 0}
 
 
-def _record(run: _Run, state: steps.TrainState, rng: jax.Array, rows: list[dict[str, Any]],
+def _record(run: Run, state: steps.TrainState, rng: jax.Array, rows: list[dict[str, Any]],
             sums: dict[str, Any], precise: Any = None) -> tuple[dict[str, Any], Path]:
     """Writes the metrics and the plot, starts the checkpoint's save, prints the epoch line.
 
@@ -394,25 +244,25 @@ def _record(run: _Run, state: steps.TrainState, rng: jax.Array, rows: list[dict[
     return meta, checkpoint
 
 
-def _precise(run: _Run, state: steps.TrainState, epoch: int, num_images: int) -> Any:
+def _precise(run: Run, state: steps.TrainState, epoch: int, num_images: int) -> Any:
     """PreciseBN's statistics for ``state``'s weights, from ``num_images`` training images in
     the order of ``epoch`` (:mod:`train.population`)."""
-    assert run.precise is not None  # validate() refuses the flags without BN.
+    assert run.built.precise is not None  # validate() refuses the flags without BN.
     images = population.precise_images(
         run.arrays[0], run.arrays[1], run.config, num_images=num_images, epoch=epoch,
         steps_per_epoch=run.steps_per_epoch, shard=run.shard)
-    return run.precise(state, images)
+    return run.built.precise(state, images)
 
 
-def _test(run: _Run, state: steps.TrainState, batch_stats: Any = None) -> dict[str, float]:
+def _test(run: Run, state: steps.TrainState, batch_stats: Any = None) -> dict[str, float]:
     """Test loss and accuracy of ``state``, or of its weights with ``batch_stats``."""
     if batch_stats is not None:
         state = state.replace(batch_stats=batch_stats)
-    return steps.evaluate(run.eval_step, state, run.arrays[2], run.arrays[3],
-                          run.eval_batch_size, run.mesh)
+    return steps.evaluate(run.built.eval_step, state, run.arrays[2], run.arrays[3],
+                          run.eval_batch_size, run.built.mesh)
 
 
-def _train(run: _Run) -> dict[str, Any]:
+def _train(run: Run) -> dict[str, Any]:
     """The epoch loop; returns the last epoch's metrics.
 
     With ``--freeze-bn-epochs K``, the epochs from ``epochs - K`` on train with the frozen
@@ -424,7 +274,7 @@ def _train(run: _Run) -> dict[str, Any]:
     """
     config, spe = run.config, run.steps_per_epoch
     state, rng, meta, rows = _start(run)
-    state = _replicate(state, run.mesh)
+    state = _replicate(state, run.built.mesh)
     last = run.checkpoints.path(meta["step"]) if meta else None
     total = spe * config.epochs
     first_frozen = config.epochs - config.freeze_bn_epochs
@@ -439,7 +289,7 @@ def _train(run: _Run) -> dict[str, Any]:
                 f"{images} training images (PreciseBN)", flush=True)
         sums = _epoch_sums(meta, start)
         state, train = _train_epoch(run, state, epoch, start, sums, last,
-                                    run.frozen_step if frozen else run.train_step)
+                                    run.built.frozen_step if frozen else run.built.train_step)
         test = _test(run, state)
         step = int(state.step)
         if not (math.isfinite(test["loss"]) and steps.is_finite(state)):
@@ -501,8 +351,8 @@ def train_and_evaluate(
     validate(config)
     devices = ensure_devices(config.devices)
     workdir = Path(workdir)
-    with quiet_orbax(config.debug), _locked(workdir):
-        run = _prepare(config, workdir, devices, on_step)
+    with quiet_orbax(config.debug), locked(workdir):
+        run = prepare(config, workdir, devices, on_step)
         try:
             result = _train(run)
         finally:
