@@ -3,6 +3,9 @@
 # the type check).
 .PHONY: setup data run test lint bench docs typecheck check-wheel ci bench-gpu
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test`: three on two cores keep both busy while tests wait on
+# subprocesses and timeouts; 0 runs the tests in one process.
+PYTEST_WORKERS ?= 3
 RUN_ARGS ?=
 SPHINX_ARGS ?=
 
@@ -17,7 +20,7 @@ run: setup data
 
 test: setup data
 	.venv/bin/python -m ruff check jaxbn train tests benchmarks docs/conf.py
-	.venv/bin/python -m pytest $(PYTEST_ARGS)
+	.venv/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # The documentation site, warnings as errors: docs/_build/html/index.html.
 docs: setup

@@ -1,5 +1,5 @@
-"""Test set-up: eight fake CPU devices and a compilation cache for the session, configured
-before JAX initializes its backends."""
+"""Test set-up: eight fake CPU devices and the session's compile settings
+(tests/compile_cache.py), configured before JAX initializes its backends."""
 
 import os
 
@@ -7,9 +7,10 @@ from tests import compile_cache
 
 NUM_DEVICES = 8
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={NUM_DEVICES}"
-)
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={NUM_DEVICES}"
+    )
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 compile_cache.enable()
 
@@ -24,13 +25,20 @@ if jax.device_count() < NUM_DEVICES:  # pragma: no cover - a set-up error, not a
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """flax's own BatchNorm tests run in a subprocess: start it now, wait for it last."""
+    """flax's own BatchNorm tests run in a subprocess. In one pytest process: start it now,
+    wait for it last. Under pytest-xdist (``make test``, one file per worker at a time): its
+    file goes first, so that one worker starts it at once while the others take the rest."""
     flax_suite = [i for i in items if i.nodeid.startswith("tests/test_flax_suite.py")]
-    if flax_suite and not config.option.collectonly:
-        items[:] = [i for i in items if i not in flax_suite] + flax_suite
-        from tests import test_flax_suite
+    if not flax_suite or config.option.collectonly:
+        return
+    rest = [i for i in items if i not in flax_suite]
+    if hasattr(config, "workerinput"):
+        items[:] = flax_suite + rest
+        return
+    items[:] = rest + flax_suite
+    from tests import test_flax_suite
 
-        test_flax_suite.start()
+    test_flax_suite.start()
 
 
 @pytest.fixture(scope="session")

@@ -511,11 +511,12 @@ def test_weight_decay_only_on_kernels():
     reason=f"{REAL_DEBIAN_DIR} absent (apt-get install dataset-fashion-mnist)",
 )
 def test_real_fashion_mnist_subset(tmp_path, monkeypatch):
-    """One epoch on 6000 real images: well above chance (0.1) on the full test set."""
+    """One epoch on 3000 real images: well above chance (0.1) on 2000 real test images
+    (0.75 here; the full default run is in the README)."""
     monkeypatch.delenv(data.ENV_VAR, raising=False)
     monkeypatch.setattr(data, "DEBIAN_DATASETS_ROOT", str(REAL_DEBIAN_DIR.parent))
     result = lenet.main([
-        "--workdir", str(tmp_path), "--train-subset", "6000", "--epochs", "1", "--no-progress",
-        "--lr", "0.1",
+        "--workdir", str(tmp_path), "--train-subset", "3000", "--test-subset", "2000",
+        "--epochs", "1", "--no-progress", "--lr", "0.1",
     ])
     assert result["test_accuracy"] > 0.6

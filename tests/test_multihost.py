@@ -72,8 +72,7 @@ def _env(**extra: str) -> dict[str, str]:
         and "proxy" not in k.lower()
     }
     env.update(
-        compile_cache.variables(),
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
+        compile_cache.variables(f"--xla_force_host_platform_device_count={LOCAL_DEVICES}"),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
         PYTHONUNBUFFERED="1",
@@ -369,9 +368,9 @@ def _lenet_args(idx_dir: Path, workdir: Path, *extra: Any) -> list[str]:
 
 
 def _lenet_env(**extra: str) -> dict[str, str]:
-    """No XLA_FLAGS: train.lenet itself gives each process --devices / 2 CPU devices."""
+    """No fake-devices flag: train.lenet itself gives each process --devices / 2 CPU devices."""
     env = _env(**extra)
-    del env["XLA_FLAGS"]
+    env.update(XLA_FLAGS=compile_cache.variables()["XLA_FLAGS"])
     return env
 
 
