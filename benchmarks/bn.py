@@ -171,18 +171,6 @@ def _memory(fn, x, p, s, g) -> dict[str, int]:
 # PyTorch.
 
 
-def _torch_device(jax_platform: str):
-    try:
-        import torch
-    except ImportError:
-        return None, None
-    if jax_platform == "cpu":
-        return torch, "cpu"
-    if jax_platform == "gpu" and torch.cuda.is_available():
-        return torch, "cuda"
-    return None, None
-
-
 def _torch_impls(torch, device, shape, dtype_name, x_np, g_np):
     """``{name: (fwd, fwdbwd)}`` zero-argument callables for both memory formats."""
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
@@ -467,7 +455,7 @@ def main(argv=None) -> int:
     # Before JAX's CPU backend starts and before torch is imported (below).
     threads = harness.configure_threads(args.threads)
     torch_mod, torch_dev = ((None, None) if args.no_torch
-                            else _torch_device(jax.devices()[0].platform))
+                            else harness.torch_for(jax.devices()[0].platform))
     meta = _meta(args, threads, torch_mod, torch_dev)
     print(f"# {harness.machine_name(meta['machine'])}  threads {threads}  jax {jax.__version__}"
           f"  flax {meta.get('flax')}  torch {meta['torch']} ({torch_dev})", flush=True)

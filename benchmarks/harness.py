@@ -449,8 +449,8 @@ def summary(values: Sequence[float]) -> dict[str, Any]:
 # Processes.
 
 
-def run_processes(module: str, argv: Sequence[str], n: int, *, json_flag: str = "--json",
-                  env: dict[str, str] | None = None,
+def run_processes(module: str, argv: Sequence[str] | None, n: int, *,
+                  json_flag: str = "--json", env: dict[str, str] | None = None,
                   timeout: float | None = None) -> list[dict[str, Any]]:
     """Runs ``python -m module *argv --json TMP`` ``n`` times in fresh processes, in turn.
 
@@ -459,7 +459,8 @@ def run_processes(module: str, argv: Sequence[str], n: int, *, json_flag: str = 
 
     Args:
         module: module to run (``benchmarks.resnet``).
-        argv: its arguments (without the JSON path).
+        argv: the parent's arguments (``None``: ``sys.argv[1:]``); ``--processes`` and
+            ``json_flag`` are dropped from them (:func:`strip_flags`).
         n: number of processes.
         json_flag: the flag that sets the module's JSON output path.
         env: extra environment variables for the children.
@@ -471,6 +472,7 @@ def run_processes(module: str, argv: Sequence[str], n: int, *, json_flag: str = 
     Raises:
         RuntimeError: if a child fails.
     """
+    argv = strip_flags(list(sys.argv[1:] if argv is None else argv), "--processes", json_flag)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(n):

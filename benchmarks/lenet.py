@@ -355,9 +355,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise SystemExit("--convs: expected at least one of fast,flax")
 
     if args.processes > 1:
-        child = harness.strip_flags(list(argv if argv is not None else sys.argv[1:]),
-                                    "--processes", "--json")
-        data = merge(harness.run_processes("benchmarks.lenet", child, args.processes))
+        data = merge(harness.run_processes("benchmarks.lenet", argv, args.processes))
         _write(data, args.json)
         return data
 

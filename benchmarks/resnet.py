@@ -495,9 +495,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if args.show:
         return show(args.show)
     if args.processes > 1:
-        child = harness.strip_flags(list(argv if argv is not None else sys.argv[1:]),
-                                    "--processes", "--json")
-        data = merge(harness.run_processes("benchmarks.resnet", child, args.processes))
+        data = merge(harness.run_processes("benchmarks.resnet", argv, args.processes))
         _write(data, args.json)
         return data
 
