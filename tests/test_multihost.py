@@ -370,7 +370,7 @@ def _lenet_args(idx_dir: Path, workdir: Path, *extra: Any) -> list[str]:
 def _lenet_env(**extra: str) -> dict[str, str]:
     """No fake-devices flag: train.lenet itself gives each process --devices / 2 CPU devices."""
     env = _env(**extra)
-    env.update(XLA_FLAGS=compile_cache.XLA_FLAG)
+    env.update(XLA_FLAGS=" ".join(compile_cache.XLA_FLAGS))
     return env
 
 
