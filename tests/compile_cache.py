@@ -29,9 +29,12 @@ VARIABLES = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME
 #: Programs that compile faster than this are not worth a file.
 MIN_COMPILE_TIME_S = 0.1
 #: Added to ``XLA_FLAGS`` of the session and of the processes it starts (each unless the
-#: caller's ``XLA_FLAGS`` already sets it).
+#: caller's ``XLA_FLAGS`` already sets it, or :data:`DEFAULTS_VARIABLE` is set).
 XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
              "--xla_cpu_parallel_codegen_split_count=1")
+#: Set (to anything) in a session's environment to compile with XLA's own defaults instead
+#: (tests/test_xla_defaults.py).
+DEFAULTS_VARIABLE = "JAXBN_TEST_XLA_DEFAULTS"
 
 
 def enable() -> None:
@@ -41,7 +44,8 @@ def enable() -> None:
     worker) is kept; only the process that made it removes it.
     """
     flags = os.environ.get("XLA_FLAGS", "")
-    missing = [f for f in XLA_FLAGS if f.split("=")[0] not in flags]
+    missing = [] if os.environ.get(DEFAULTS_VARIABLE) else [
+        f for f in XLA_FLAGS if f.split("=")[0] not in flags]
     os.environ["XLA_FLAGS"] = " ".join([flags, *missing]).strip()
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
