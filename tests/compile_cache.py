@@ -29,7 +29,7 @@ VARIABLES = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME
 #: Programs that compile faster than this are not worth a file.
 MIN_COMPILE_TIME_S = 0.1
 #: Added to ``XLA_FLAGS`` of the session and of the processes it starts (each unless the
-#: caller's ``XLA_FLAGS`` already sets it, or :data:`DEFAULTS_VARIABLE` is set).
+#: caller's ``XLA_FLAGS`` already sets it; none, and removed, if :data:`DEFAULTS_VARIABLE` is set).
 XLA_FLAGS = ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false",
              "--xla_cpu_parallel_codegen_split_count=1")
 #: Set (to anything) in a session's environment to compile with XLA's own defaults instead
@@ -43,10 +43,12 @@ def enable() -> None:
     A cache directory given by the caller's environment (the session's, in a pytest-xdist
     worker) is kept; only the process that made it removes it.
     """
-    flags = os.environ.get("XLA_FLAGS", "")
-    missing = [] if os.environ.get(DEFAULTS_VARIABLE) else [
-        f for f in XLA_FLAGS if f.split("=")[0] not in flags]
-    os.environ["XLA_FLAGS"] = " ".join([flags, *missing]).strip()
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    if os.environ.get(DEFAULTS_VARIABLE):  # e.g. inherited from a session that added them
+        flags = [f for f in flags if f not in XLA_FLAGS]
+    names = {f.split("=")[0] for f in flags}
+    flags += [f for f in _session_flags() if f.split("=")[0] not in names]
+    os.environ["XLA_FLAGS"] = " ".join(flags)
     if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
         return
     path = tempfile.mkdtemp(prefix="jaxbn-test-xla-cache-")
@@ -63,5 +65,11 @@ def variables(*xla_flags: str) -> dict[str, str]:
     """The cache's variables and ``XLA_FLAGS`` (:data:`XLA_FLAGS` and ``xla_flags``), for a
     subprocess's clean environment."""
     env = {k: os.environ[k] for k in VARIABLES if k in os.environ}
-    env["XLA_FLAGS"] = " ".join([*XLA_FLAGS, *xla_flags])
+    env["XLA_FLAGS"] = " ".join([*_session_flags(), *xla_flags])
+    if os.environ.get(DEFAULTS_VARIABLE):
+        env[DEFAULTS_VARIABLE] = os.environ[DEFAULTS_VARIABLE]
     return env
+
+
+def _session_flags() -> tuple[str, ...]:
+    return () if os.environ.get(DEFAULTS_VARIABLE) else XLA_FLAGS
