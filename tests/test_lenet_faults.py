@@ -394,3 +394,40 @@ def test_data_dir_variable_that_does_not_exist_is_refused(tmp_path, capsys, monk
     assert code == 2
     assert _error_line(err).startswith("error: $JAXBN_DATA_DIR=/nonexistent: expected a "
                                        "directory holding the IDX files")
+
+
+def _run_program(*argv, timeout=120, env=None) -> subprocess.CompletedProcess:
+    """``python -m train.lenet`` in a fresh process, where JAX has not started yet."""
+    env = {**os.environ, **(env or {})}
+    env.pop("XLA_FLAGS", None)  # No fake devices made in advance: the program makes them.
+    return subprocess.run([sys.executable, "-m", "train.lenet", *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_more_devices_than_the_machine_holds_is_refused_at_once(idx_dir, tmp_path):
+    """Thousands of fake CPU devices on a few cores would miss XLA's collective deadlines
+    (or exhaust memory) after minutes: refused before any device is made."""
+    from train.devices import max_fake_devices
+
+    limit, _ = max_fake_devices()
+    n = 2 * limit  # Divides the batch, so only the device limit can refuse it.
+    started = time.monotonic()
+    run = _run_program(*_args(idx_dir, tmp_path / "w", "--devices", n, "--batch-size", n),
+                       timeout=60)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert re.fullmatch(rf"error: --devices {n}: expected at most {limit} fake CPU devices per "
+                        r"process on this machine \(.+\); more would miss XLA's collective "
+                        r"deadlines or run out of memory. Use fewer devices \(or more "
+                        r"processes\)", _error_line(run.stderr)), run.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_the_device_limit_follows_cores_and_memory(monkeypatch):
+    from train import devices
+
+    monkeypatch.setattr(devices, "_available_memory", lambda: 1 << 40)
+    limit, reason = devices.max_fake_devices()
+    assert limit == devices.FAKE_DEVICES_PER_CORE * len(os.sched_getaffinity(0))
+    assert reason.startswith(f"{devices.FAKE_DEVICES_PER_CORE} per CPU core")
+    monkeypatch.setattr(devices, "_available_memory", lambda: 5 * devices.FAKE_DEVICE_BYTES + 1)
+    assert devices.max_fake_devices() == (5, "0.1 GiB of available memory at 16 MiB each")
