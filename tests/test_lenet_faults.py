@@ -34,7 +34,8 @@ SPE = N_TRAIN // BATCH  # steps per epoch
 REPO = Path(__file__).resolve().parents[1]
 #: A LeNet checkpoint takes about 3.3 MB: this disk holds one, not two.
 SMALL_DISK = "5m"
-EXIT_BUSY, EXIT_NO_INTACT, EXIT_STORAGE, EXIT_INTERRUPTED = 3, 4, 5, 130
+EXIT_BUSY, EXIT_NO_INTACT, EXIT_STORAGE = 3, 4, 5
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 
 @pytest.fixture(scope="module")
@@ -358,6 +359,54 @@ def test_repeated_ctrl_c_during_the_first_save_tells_the_truth(idx_dir, tmp_path
     assert match, err
     checkpoint = Path(match[1])
     assert checkpoint.parent == workdir.absolute() / "checkpoints" and checkpoint.is_dir()
+    assert not _unfinished(workdir)
+    _resumes_to_the_end(capsys, idx_dir, workdir, straight, checkpoint)
+
+
+def test_sigterm_during_the_first_save_stops_like_ctrl_c(idx_dir, tmp_path, capsys,
+                                                       monkeypatch, straight):
+    """What a scheduler sends to preempt a job: the save in progress finishes, the message
+    names the complete checkpoint, exit status 143, and --resume ends where an
+    uninterrupted run ends."""
+    original = ocp.JsonCheckpointHandler._save_fn
+
+    async def slow_save(self, item, directory):
+        if item["step"] == SPE:
+            time.sleep(1.5)  # In Orbax's background thread: the first save takes a while.
+        return await original(self, item, directory)
+
+    def send_sigterm_twice():
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+
+    def on_step(epoch, step):
+        if step == SPE + 1:  # The first checkpoint's save has just started.
+            threading.Thread(target=send_sigterm_twice).start()
+            time.sleep(60)
+            raise AssertionError("SIGTERM did not stop the training")
+
+    def unhandled(signum, frame):  # Where the program handles none, instead of dying.
+        raise AssertionError("the program did not handle SIGTERM")
+
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", slow_save)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    original_run = lenet.train_and_evaluate
+    monkeypatch.setattr(lenet, "train_and_evaluate",
+                        lambda *a, **k: original_run(*a, on_step=on_step, **k))
+    workdir = tmp_path / "w"
+    try:
+        code, out, err = _main(capsys, *_args(idx_dir, workdir))
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # Restored after the run.
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.undo()
+    assert code == EXIT_TERMINATED
+    match = re.search(r"^terminated \(SIGTERM\); the latest checkpoint, (\S+), is complete: "
+                      "continue with --resume$", err, re.MULTILINE)
+    assert match, err
+    checkpoint = Path(match[1])
+    assert checkpoint == workdir.absolute() / "checkpoints" / str(SPE) and checkpoint.is_dir()
     assert not _unfinished(workdir)
     _resumes_to_the_end(capsys, idx_dir, workdir, straight, checkpoint)
 
