@@ -480,3 +480,26 @@ def test_the_device_limit_follows_cores_and_memory(monkeypatch):
     assert reason.startswith(f"{devices.FAKE_DEVICES_PER_CORE} per CPU core")
     monkeypatch.setattr(devices, "_available_memory", lambda: 5 * devices.FAKE_DEVICE_BYTES + 1)
     assert devices.max_fake_devices() == (5, "0.1 GiB of available memory at 16 MiB each")
+
+
+@pytest.mark.parametrize("how", ["no test images", "32x32 images"])
+def test_unusable_data_is_refused_before_training(tmp_path, capsys, how):
+    """Found at the start, not after an epoch: exit 2, one line naming the file."""
+    rng = np.random.default_rng(0)
+    train_images, train_labels = learnable_images(64, rng)
+    test_images, test_labels = learnable_images(8, rng)
+    if how == "no test images":
+        test_images, test_labels = test_images[:0], test_labels[:0]
+        name, message = "t10k-images-idx3-ubyte.gz", "empty split: expected at least one " \
+                                                       "image, found 0"
+    else:
+        train_images, test_images = (np.pad(x, ((0, 0), (2, 2), (2, 2)))
+                                     for x in (train_images, test_images))
+        name, message = "train-images-idx3-ubyte.gz", "expected 28x28x1 images (LeNet's " \
+                                                        "input), found 32x32x1"
+    data_dir = idx.write_idx_dataset(tmp_path / "data", train_images, train_labels,
+                                     test_images, test_labels)
+    code, out, err = _main(capsys, *_args(data_dir, tmp_path / "w"))
+    assert code == 2
+    assert _error_line(err) == f"error: {data_dir / name}: {message}"
+    assert "epoch" not in out and not (tmp_path / "w" / "checkpoints").exists(), out
