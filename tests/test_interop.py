@@ -575,3 +575,13 @@ def test_export_missing_step_and_unwritable_out_are_one_line(lenet_run, tmp_path
     assert code == export.EXIT_FAILED
     assert _one_error_line(capsys.readouterr().err) == (
         f"error: cannot write {tmp_path / 'file'}: File exists (EEXIST)")
+
+
+def test_export_flag_errors_are_one_line(capsys):
+    from train import export
+
+    with pytest.raises(SystemExit) as exc:
+        export.main(["--workdir", "w"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == ("error: the following arguments are required: --out; see "
+                                       "python -m train.export --help\n")

@@ -503,3 +503,48 @@ def test_unusable_data_is_refused_before_training(tmp_path, capsys, how):
     assert code == 2
     assert _error_line(err) == f"error: {data_dir / name}: {message}"
     assert "epoch" not in out and not (tmp_path / "w" / "checkpoints").exists(), out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--optimizer", "rmsprop"],
+     "argument --optimizer: invalid choice: 'rmsprop' (choose from 'sgd', 'adam')"),
+    (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    (["--epochs", "1.5"], "argument --epochs: invalid int value: '1.5'"),
+])
+def test_flags_argparse_rejects_are_one_line(tmp_path, capsys, flags, message):
+    code, out, err = _main(capsys, "--workdir", str(tmp_path), *flags)
+    assert code == 2 and not out
+    assert err == f"error: {message}; see python -m train.lenet --help\n"
+
+
+def test_a_seed_beyond_32_bits_is_refused(tmp_path, capsys):
+    code, _, err = _main(capsys, "--workdir", str(tmp_path), "--seed",
+                         "99999999999999999999999")
+    assert code == 2
+    assert _error_line(err) == ("error: --seed: expected an integer in [0, 4294967295], got "
+                                "99999999999999999999999")
+
+
+def test_a_workdir_that_is_a_file_is_not_a_directory(idx_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    code, _, err = _main(capsys, *_args(idx_dir, tmp_path / "file"))
+    assert code == EXIT_STORAGE
+    assert _error_line(err) == (f"error: cannot use --workdir {tmp_path / 'file'}: Not a "
+                                "directory (ENOTDIR)")
+
+
+def test_an_unknown_dataset_is_one_line(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("tensorflow_datasets")
+    from train import data
+
+    monkeypatch.delenv("JAXBN_DATA_DIR", raising=False)
+    monkeypatch.setattr(data, "DEBIAN_DATASETS_ROOT", str(tmp_path))
+    code, _, err = _main(capsys, "--workdir", str(tmp_path / "w"), "--dataset",
+                         "nonexistent_ds", "--no-progress")
+    assert code == 2
+    assert err.count("\n") == 1, err  # Not TFDS's catalogue of datasets.
+    assert _error_line(err) == (
+        "error: --dataset nonexistent_ds: unknown dataset: expected a TFDS dataset name or "
+        f"IDX files for it, found neither ($JAXBN_DATA_DIR: not set; Debian: "
+        f"{tmp_path / 'nonexistent-ds'}: no such directory; TFDS: no dataset "
+        "'nonexistent_ds')")

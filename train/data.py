@@ -308,8 +308,9 @@ def load_dataset(
 
     Raises:
         DataError: ``data_dir`` lacks the files; ``$JAXBN_DATA_DIR`` is not a directory; a
-            file is malformed; or nothing was found anywhere (the message lists the ways to
-            provide the data and TFDS's error).
+            file is malformed; a name that neither a directory nor TFDS knows (one line); or
+            nothing was found anywhere (the message lists the ways to provide the data and
+            TFDS's error).
     """
     name = _canonical(name)
     if data_dir is not None:
@@ -347,6 +348,11 @@ def load_dataset(
     except DataError:
         raise
     except Exception as e:  # Any TFDS failure (not installed, offline...) = not available.
+        if type(e).__name__ == "DatasetNotFoundError":  # Its message lists TFDS's catalogue.
+            raise DataError(
+                f"--dataset {name}: unknown dataset: expected a TFDS dataset name or IDX files "
+                f"for it, found neither ({'; '.join(checked)}; TFDS: no dataset {name!r})"
+            ) from e
         tfds_error = f"{type(e).__name__}: {e}"
         if len(tfds_error) > _MAX_TFDS_ERROR_CHARS:
             tfds_error = tfds_error[:_MAX_TFDS_ERROR_CHARS] + " [...]"

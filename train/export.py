@@ -46,6 +46,7 @@ from jax import lax
 from jaxbn import BatchNormParams, BatchStats, fold, interop
 from train import data
 from train.checkpoints import PRECISE, read_checkpoint
+from train.config import OneLineErrorParser
 from train.errors import ConfigError, os_error_cause
 from train.model import ACTIVATIONS, BN_POSITIONS, NORMS, LeNet
 
@@ -382,8 +383,8 @@ def _input_stats(meta: Mapping[str, Any], args: argparse.Namespace) -> tuple[flo
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m train.export --workdir W --out PATH``; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(prog="python -m train.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="training run directory")
     parser.add_argument("--out", required=True, help="output .npz (a .json goes beside it)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")

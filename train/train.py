@@ -310,9 +310,13 @@ def _train(run: Run) -> dict[str, Any]:
         if frozen and epoch == first_frozen and start == 0:
             images = population.freeze_images(config)
             state = state.replace(batch_stats=_precise(run, state, epoch - 1, images))
+            used = config.batch_size * population.num_precise_batches(
+                images, config.batch_size, spe)
+            asked = "" if used == images else f", for {images} asked (whole batches, at " \
+                f"most one epoch)"
             say(f"epoch {epoch + 1}/{config.epochs}: BN frozen for the last "
                 f"{config.freeze_bn_epochs} epoch(s), with statistics recomputed from "
-                f"{images} training images (PreciseBN)", flush=True)
+                f"{used} training images{asked} (PreciseBN)", flush=True)
         sums = _epoch_sums(meta, start)
         state, train = _train_epoch(run, state, epoch, start, sums, last,
                                     run.built.frozen_step if frozen else run.built.train_step)
