@@ -422,8 +422,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         npz, path = save_folded(args.out, folded, kwargs, input_note=note)
     except OSError as e:
-        target = e.filename if e.filename is not None else args.out
-        print(f"error: cannot write {target}: {os_error_cause(e) or e}", file=sys.stderr)
+        cause = os_error_cause(e) or str(e)
+        if isinstance(e, FileExistsError):  # mkdir met a file where a directory must be.
+            cause = f"{e.filename} is not a directory"
+        print(f"error: cannot write {Path(args.out).with_suffix('.npz')}: {cause}",
+              file=sys.stderr)
         return EXIT_FAILED
     # Check against the unfolded model. Both conv implementations share the variables, and
     # inference never synchronizes, so the plain flax conv and no axis name will do.
