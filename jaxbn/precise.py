@@ -475,7 +475,7 @@ class _Functional(_Collector):
             if not all(isinstance(x, Moments) for x in ms):
                 raise ValueError(
                     f"moments_fn must return Moments for every BatchStats of stats (e.g. "
-                    f"jaxbn.moments(x), or a tuple of them); layer {i} got {_describe(m)}."
+                    f"jaxbn.moments(x), or a tuple of them); layer {i} got {_describe_value(m)}."
                 )
             if self.axis_name is not None:
                 ms = tuple(_merge_if_per_device(x, self.axis_name) for x in ms)
@@ -483,14 +483,14 @@ class _Functional(_Collector):
         return result, None
 
 
-def _describe(v: Any) -> str:
+def _describe_value(v: Any) -> str:
     """What a value is, in a few words: its type, or shape and dtype for an array."""
     if isinstance(v, Moments):
         return "Moments"
     if hasattr(v, "shape") and hasattr(v, "dtype"):
         return f"an array of shape {tuple(v.shape)} and dtype {v.dtype}"
     if isinstance(v, tuple | list):
-        items = ", ".join(_describe(x) for x in v[:3]) + (", ..." if len(v) > 3 else "")
+        items = ", ".join(_describe_value(x) for x in v[:3]) + (", ..." if len(v) > 3 else "")
         return f"a {type(v).__name__} of {len(v)} ({items})"
     return type(v).__name__
 
