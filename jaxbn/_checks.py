@@ -127,6 +127,11 @@ def _is_inexact(dtype: Any) -> bool:
 
 
 def _check_input(x: Array) -> None:
+    if x.ndim == 0:
+        raise ValueError(
+            "expected an input of rank >= 1 (a batch with a feature axis), got a scalar "
+            "(shape ()); add the batch and feature axes, e.g. x.reshape(1, 1)."
+        )
     if not _is_inexact(x.dtype):
         raise ValueError(
             f"batch_norm expects a floating-point (or complex) input, got dtype {x.dtype}; "

@@ -382,6 +382,9 @@ def update_stats(
     >>> s.mean, s.var, s.count
     (Array([0.2], dtype=float32), Array([1.3], dtype=float32), Array(1, dtype=int32))
     """
+    if stats is None:
+        raise TypeError("stats must be a BatchStats, got NoneType; build it with "
+                        "BatchStats(mean, var, count) or jaxbn.init.")
     _check_stats(stats)
     if not isinstance(batch, Moments):
         raise TypeError(f"batch must be the Moments of a batch, got {type(batch).__name__}.")

@@ -240,3 +240,20 @@ def test_precise_moments_fn_returning_arrays(moments_fn, got):
     assert message == ("moments_fn must return Moments for every BatchStats of stats (e.g. "
                        f"jaxbn.moments(x), or a tuple of them); layer 0 got {got}.")
     assert "Tracer" not in message
+
+
+def test_update_stats_without_statistics():
+    with pytest.raises(TypeError, match=r"stats must be a BatchStats, got NoneType; build it "
+                                        r"with BatchStats\(mean, var, count\) or jaxbn.init"):
+        jaxbn.update_stats(None, jaxbn.moments(X))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: train(x, None, None),
+    lambda x: jaxbn.moments(x),
+    lambda x: jaxbn.normalize(x, 0.0, 1.0),
+])
+def test_a_scalar_input(fn):
+    with pytest.raises(ValueError, match=r"expected an input of rank >= 1 \(a batch with a "
+                                         r"feature axis\), got a scalar \(shape \(\)\)"):
+        fn(jnp.float32(1.0))
