@@ -54,6 +54,7 @@ from typing import Any, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Array: TypeAlias = jax.Array
@@ -398,7 +399,9 @@ def update_stats(
     if jnp.iscomplexobj(batch.mean) and not jnp.issubdtype(mean_dtype, jnp.complexfloating):
         mean_dtype = jnp.promote_types(mean_dtype, jnp.complex64)
     if decay is None:
-        w = 1.0 / (stats.count + 1).astype(jnp.result_type(stats.var))
+        # In the statistics' dtype before adding 1: at the integer maximum, count + 1
+        # would wrap to a negative weight.
+        w = 1.0 / (jnp.asarray(stats.count).astype(jnp.result_type(stats.var)) + 1)
         new_mean = (1 - w) * stats.mean + w * batch.mean
         new_var = (1 - w) * stats.var + w * batch.var
     else:
@@ -407,8 +410,21 @@ def update_stats(
     return BatchStats(
         jnp.where(valid, new_mean, stats.mean).astype(mean_dtype),
         jnp.where(valid, new_var, stats.var).astype(jnp.result_type(stats.var)),
-        stats.count + jnp.any(valid).astype(jnp.result_type(stats.count)),
+        _count_up(stats.count, jnp.any(valid)),
     )
+
+
+def _count_up(count: ArrayLike, grew: Array) -> Array:
+    """``count + 1`` where ``grew``, saturating at the integer dtype's maximum.
+
+    A count carried over from a long-running model (``from_torch`` accepts PyTorch's int64
+    ``num_batches_tracked`` up to int32's maximum) must not wrap to a negative number; at
+    the maximum, the cumulative average's weight of a new batch is ``1 / 2**31`` anyway.
+    """
+    count = jnp.asarray(count)
+    room = count < np.iinfo(count.dtype).max
+    new: Array = count + (grew & room).astype(count.dtype)
+    return new
 
 
 def fold(
