@@ -247,6 +247,19 @@ def _stats_dtype(dtype: DTypeLike) -> np.dtype[Any]:
     return jnp.promote_types(dtype, jnp.float32)
 
 
+def _as_stats_dtype(mean: ArrayLike, var: ArrayLike, x_dtype: Any) -> tuple[Array, Array]:
+    """Running statistics in their own dtype, at least float32 and at least ``x``'s.
+
+    Statistics built from Python floats (``jnp.full((C,), 0.5)``) are weakly typed, and
+    would otherwise take a half-precision input's dtype in the arithmetic: a mean of 1000.3
+    becomes 1000 in bfloat16.
+    """
+    mean, var = jnp.asarray(mean), jnp.asarray(var)
+    sdt = _stats_dtype(x_dtype)
+    return (mean.astype(jnp.promote_types(mean.dtype, sdt)),
+            var.astype(jnp.promote_types(var.dtype, _real_dtype(sdt))))
+
+
 def _real_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
     """The real dtype of a statistics dtype (float32 or wider, so one NumPy knows)."""
     return np.finfo(dtype).dtype

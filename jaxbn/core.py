@@ -118,6 +118,7 @@ class Validated(NamedTuple):
 from jaxbn._autodiff import _train_normalize, _TrainConfig  # noqa: E402
 from jaxbn._checks import (  # noqa: E402
     _as_shape,
+    _as_stats_dtype,
     _bshape,
     _check_axis_name,
     _check_dtype,
@@ -156,7 +157,9 @@ def init(
         :func:`batch_norm`).
       affine: whether the layer has a learnable ``scale`` and ``bias``.
       track_running_stats: whether the layer keeps running statistics for inference.
-      param_dtype: dtype of ``scale`` and ``bias``. Statistics are always float32.
+      param_dtype: dtype of ``scale`` and ``bias``. The statistics are float32, or
+        ``param_dtype`` where that is wider (float64 under ``jax_enable_x64``): at least as
+        wide as the parameters, so that inference at float64 is not held to float32.
 
     Returns:
       ``(params, stats)``: a :class:`BatchNormParams` (scale 1, bias 0) or ``None``, and a
@@ -182,10 +185,9 @@ def init(
         if affine
         else None
     )
+    sdt = jnp.promote_types(param_dtype, jnp.float32)
     stats = (
-        BatchStats(
-            jnp.zeros(shape, jnp.float32), jnp.ones(shape, jnp.float32), jnp.zeros((), jnp.int32)
-        )
+        BatchStats(jnp.zeros(shape, sdt), jnp.ones(shape, sdt), jnp.zeros((), jnp.int32))
         if track_running_stats
         else None
     )
@@ -307,7 +309,7 @@ def normalize(
     feats = feature_axes(x.ndim, axis)
     fshape = tuple(x.shape[a] for a in feats)
     bshape = _bshape(x.ndim, feats, fshape)
-    mean, var = jnp.asarray(mean), jnp.asarray(var)
+    mean, var = _as_stats_dtype(mean, var, x.dtype)
     _check_feature_shape("mean", mean, fshape, axis)
     _check_feature_shape("var", var, fshape, axis)
     mul = lax.rsqrt(var + eps)
