@@ -114,6 +114,11 @@ def _bshape(ndim: int, feats: tuple[int, ...], shape: Sequence[int]) -> Shape:
     return tuple(out)
 
 
+def _is_static(shape: Sequence[Any]) -> bool:
+    """Whether every dimension is a known int (not symbolic, as in ``jax.export``)."""
+    return all(isinstance(d, int | np.integer) for d in shape)
+
+
 def _per_feature(shape: Shape, feats: tuple[int, ...]) -> int:
     return math.prod(shape[a] for a in _reduction_axes(len(shape), feats))
 
@@ -426,7 +431,10 @@ def validate(
         _check_feature_shape("stats.var", stats.var, fshape, axis)
     mask = None if mask is None else jnp.asarray(mask)
     _check_mask(mask, x.shape)
-    if use_batch and axis_name is None and _per_feature(x.shape, feats) <= 1:
+    # With a symbolic batch dimension (jax.export) the count is unknown until the call;
+    # there, as in the Flax modules, one value per feature gives variance 0.
+    if (use_batch and axis_name is None and _is_static(x.shape)
+            and _per_feature(x.shape, feats) <= 1):
         raise ValueError(
             f"expected more than 1 value per feature when using batch statistics, got input "
             f"shape {x.shape} with features along axis {axis!r}; use a larger batch, or "
