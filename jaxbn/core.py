@@ -81,10 +81,10 @@ class BatchNormParams(NamedTuple):
 class BatchStats(NamedTuple):
     """Running statistics used at inference time."""
 
-    mean: Array  # feature_shape, float32 (complex64 once updated with complex inputs); 0
-    var: Array  # feature_shape, float32; initialized to 1
+    mean: Array  # feature_shape, float32 or wider, as var (complex once updated so); 0
+    var: Array  # feature_shape, float32 (or param_dtype if wider); initialized to 1
     # count shadows tuple.count (a method); the public name says what the field holds.
-    count: Array  # type: ignore[assignment]  # (), int32; updates so far (num_batches_tracked)
+    count: Array  # type: ignore[assignment]  # (), int32; updates so far, saturating at 2**31-1
 
 
 class Moments(NamedTuple):
@@ -274,9 +274,11 @@ def normalize(
     """Applies ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias`` per feature.
 
     Given statistics are constants here (plain autodiff); for a batch's own statistics,
-    differentiated through, use :func:`batch_normalize`. The arithmetic runs in the
-    promoted dtype of ``x`` and the statistics (float32 for half-precision inputs); the
-    result is cast to ``dtype`` or else ``x.dtype``.
+    differentiated through, use :func:`batch_normalize`. The statistics are taken in their
+    own dtype, at least float32 and at least ``x``'s (weakly typed ones, built from Python
+    floats, included), and the arithmetic runs in the promoted dtype of ``x`` and the
+    statistics (float32 for half-precision inputs); the result is cast to ``dtype`` or else
+    ``x.dtype``.
 
     Args:
       x: input.
@@ -358,7 +360,8 @@ def update_stats(
     ``unbiased_running_var`` the batch variance is scaled by ``n / (n - 1)`` (``n`` the
     global valid count per feature, :func:`unbiased`) before it enters the average, as
     PyTorch does. Features with no valid element keep their statistics; ``count`` grows by
-    one unless no feature had any valid element. The result is differentiable; the layers
+    one unless no feature had any valid element, and stays at its dtype's maximum once
+    there (it does not wrap around). The result is differentiable; the layers
     (:func:`batch_norm` and the variants) stop its gradient.
 
     Args:
@@ -631,7 +634,8 @@ def batch_norm(
         partition of the axis into groups of equal size.
       mask: optional boolean array broadcastable to ``x``; ``False`` elements take no part in
         the statistics (they are still normalized). A feature with no valid element
-        outputs ``bias`` and keeps its running statistics.
+        outputs ``bias`` and keeps its running statistics. NaN or Inf in masked elements
+        (padding) does not reach the gradients of the valid ones, ``scale`` or ``bias``.
       fast_variance: use flax's one-pass ``E[x^2] - E[x]^2``, which loses all precision when
         ``|mean| >> std``; the default two-pass variance is accurate at the same number of
         collectives.
@@ -651,7 +655,9 @@ def batch_norm(
         ``momentum`` outside [0, 1], ``epsilon`` not > 0 in float32, an unbound
         ``axis_name``, ``axis_index_groups`` that do not partition it, or training with a
         single value per feature and no ``axis_name`` (PyTorch's "Expected more than 1
-        value per channel"; the Flax modules accept it, as flax does).
+        value per channel"; the Flax modules accept it, as flax does). A symbolic batch
+        dimension (``jax.export``) is not checked: one value per feature then gives
+        variance 0.
 
     Hyperparameters (``momentum``, ``epsilon``) may be traced, e.g. ``jit`` arguments that
     sweep them without recompiling: a traced value has no value at trace time, so it is
