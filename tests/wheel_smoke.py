@@ -1,13 +1,14 @@
 """Smoke test of an installed jaxbn wheel, run by ``scripts/check_wheel.sh``.
 
 The script copies this file out of the checkout and runs it with pytest in a fresh virtual
-environment that has the wheel (with its ``flax`` and ``torch`` extras) installed and not the
+environment that has the wheel (with its framework and ``torch`` extras) installed and not the
 repository: every import below must come from site-packages. The name does not start with
 ``test_``, so the repository's own test run does not collect it.
 
 Environment: ``JAXBN_REPO`` is the checkout (which must not be on ``sys.path``),
 ``JAXBN_WHEEL_VERSION`` the version in the wheel's file name and ``JAXBN_WHEEL_EXTRAS`` the
-extras installed with it (``flax,torch`` in CI; the PyTorch test runs only with ``torch``).
+extras installed with it (``flax,torch,equinox,haiku`` in CI; the PyTorch test runs only with
+``torch``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 import jaxbn
 
 REPO = pathlib.Path(os.environ.get("JAXBN_REPO", "/nonexistent")).resolve()
-EXTRAS = set(os.environ.get("JAXBN_WHEEL_EXTRAS", "flax,torch").split(","))
+EXTRAS = set(os.environ.get("JAXBN_WHEEL_EXTRAS", "flax,torch,equinox,haiku").split(","))
 
 
 def _batch(shape=(32, 3), seed=0):
