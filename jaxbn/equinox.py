@@ -3,8 +3,8 @@
 A subclass of equinox's layer that keeps its constructor, fields and state (so
 ``eqx.nn.make_with_state``, ``eqx.nn.State``, ``eqx.nn.inference_mode`` and files written by
 ``eqx.tree_serialise_leaves`` work with either class) and replaces only the call: the
-statistics come from :func:`jaxbn.moments` / :func:`jaxbn.batch_normalize`, synchronized
-exactly over ``axis_name`` with one collective.
+statistics are :func:`jaxbn.moments`'s (the stable two-pass variance, float32 under half
+precision), merged exactly over ``axis_name``.
 """
 
 from __future__ import annotations
@@ -98,16 +98,18 @@ class BatchNorm(eqx.nn.BatchNorm):
       momentum * running`` (the batch statistics on the first call), differentiated
       through the batch part; inference uses the stored statistics.
 
-    Differences, all in the numerics: the batch statistics are :func:`jaxbn.moments`
-    (float32 or wider for half-precision inputs, the stable two-pass variance summed in
-    one collective, exact over uneven spatial sizes and nested named axes); training in
-    ``"batch"`` mode differentiates through them with :func:`jaxbn.batch_normalize`; the
-    new state carries no gradient in ``"batch"`` mode (equinox's does, but no loss reads
-    it); and the state is written back in its own dtype.
+    Differences, all in the numerics: the batch statistics are :func:`jaxbn.moments` of
+    each example (float32 or wider for half-precision inputs, the stable two-pass
+    variance), merged exactly over the named axes with two sums (Chan et al.; equinox's
+    variance is two-pass too, so the two agree to float32 rounding); the new state
+    carries no gradient in ``"batch"`` mode (equinox's does, but no loss reads it); and
+    the state is written back in its own dtype. Under ``shard_map`` with the per-example
+    ``vmap`` inside, pass ``check_vma=False``: jax's check of varying axes rejects a
+    ``psum`` over a ``vmap`` axis there (equinox's layer fails the same way).
 
     Example:
 
-    >>> import warnings, jax, jax.numpy as jnp, equinox as eqx
+    >>> import jax, jax.numpy as jnp, equinox as eqx
     >>> from jaxbn.equinox import BatchNorm
     >>> bn, state = eqx.nn.make_with_state(BatchNorm)(3, "batch", mode="batch")
     >>> x = jax.random.normal(jax.random.key(0), (8, 3, 5)) * 2 + 1

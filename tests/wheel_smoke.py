@@ -100,6 +100,43 @@ def test_nnx_matches_flax():
     np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-6, atol=1e-6)
 
 
+
+def test_equinox_matches_equinox():
+    if "equinox" not in EXTRAS:
+        pytest.skip("installed without the [equinox] extra")
+    import equinox as eqx
+
+    from jaxbn.equinox import BatchNorm
+
+    x = _batch()
+    outs = []
+    for cls in (BatchNorm, eqx.nn.BatchNorm):
+        bn, state = eqx.nn.make_with_state(cls)(3, "batch", mode="batch", momentum=0.9)
+        y, state = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(
+            x, state)
+        outs.append((y, *state.get(bn.batch_state_index)))
+    for a, b in zip(*outs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_haiku_matches_haiku():
+    if "haiku" not in EXTRAS:
+        pytest.skip("installed without the [haiku] extra")
+    import haiku as hk
+
+    from jaxbn.haiku import BatchNorm
+
+    x = _batch()
+    outs = []
+    for cls in (BatchNorm, hk.BatchNorm):
+        f = hk.transform_with_state(lambda x, c=cls: c(True, True, 0.9)(x, is_training=True))
+        params, state = f.init(None, x)
+        outs.append(f.apply(params, state, None, x))
+    assert jax.tree.structure(outs[0]) == jax.tree.structure(outs[1])
+    for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # haiku's one-pass variance
+
+
 def test_interop_matches_torch():
     if "torch" not in EXTRAS:
         pytest.skip("installed without the [torch] extra")
