@@ -208,11 +208,11 @@ def test_strict_dtype_and_rank_promotion(mode):
 class _Net(eqx.Module):
     layers: eqx.nn.Sequential
 
-    def __init__(self, bn_cls, key):
+    def __init__(self, bn_cls, key, mode="batch"):
         k1, k2 = jax.random.split(key)
         self.layers = eqx.nn.Sequential([
             eqx.nn.Linear(4, 6, key=k1),
-            bn_cls(6, "batch", mode="batch", momentum=MOMENTUM),
+            bn_cls(6, "batch", mode=mode, momentum=MOMENTUM),
             eqx.nn.Lambda(jax.nn.relu),
             eqx.nn.Linear(6, 2, key=k2),
         ])
@@ -248,10 +248,12 @@ def test_inference_mode_filter_jit_filter_vmap_filter_grad():
     _close(runs[0], runs[1], rtol=1e-5, atol=1e-6)  # two SGD steps amplify ulps slightly
 
 
-def test_precise_batch_stats_pools_every_layer_exactly():
+@pytest.mark.parametrize("mode", MODES)
+def test_precise_batch_stats_pools_every_layer_exactly(mode):
     import jaxbn.precise_equinox as pe
 
-    model, state = eqx.nn.make_with_state(_Net)(jaxbn.equinox.BatchNorm, jax.random.key(1))
+    model, state = eqx.nn.make_with_state(_Net)(jaxbn.equinox.BatchNorm, jax.random.key(1),
+                                                mode)
     batches = jnp.asarray(np.random.default_rng(2).normal(size=(5, 8, 4)) * 3 + 1, jnp.float32)
 
     def forward(model, state, x):
@@ -260,15 +262,21 @@ def test_precise_batch_stats_pools_every_layer_exactly():
 
     new = pe.precise_batch_stats(forward, model, state, batches)
     bn = model.layers[1]
-    h = jax.vmap(model.layers[0])(batches.reshape(40, 4))
-    mean, var = np.mean(np.asarray(h, np.float64), 0), np.var(np.asarray(h, np.float64), 0)
-    hidden_mean, hidden_var = new.get(bn.batch_state_index)
-    np.testing.assert_allclose(hidden_mean, mean, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(hidden_var, var, rtol=1e-5, atol=1e-6)
-    assert int(new.get(bn.batch_counter)) == 0  # used as they are at inference
+    h = np.asarray(jax.vmap(model.layers[0])(batches.reshape(40, 4)), np.float64)
+    index, flag = ((bn.batch_state_index, bn.batch_counter) if mode == "batch"
+                   else (bn.ema_state_index, bn.ema_first_time_index))
+    mean, var = new.get(index)
+    np.testing.assert_allclose(mean, h.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var, h.var(0), rtol=1e-5, atol=1e-6)
+    # "batch": counter 0, used as they are at inference; "ema": no longer the first step.
+    assert not bool(new.get(flag))
     # equinox's own layer is recomputed too, with the same result.
-    theirs, their_state = eqx.nn.make_with_state(_Net)(eqx.nn.BatchNorm, jax.random.key(1))
+    theirs, their_state = eqx.nn.make_with_state(_Net)(eqx.nn.BatchNorm, jax.random.key(1),
+                                                       mode)
     _close(pe.precise_batch_stats(forward, theirs, their_state, batches), new)
+    with pytest.raises(ValueError, match="no equinox.nn.BatchNorm"):
+        pe.precise_batch_stats(forward, eqx.nn.Linear(4, 2, key=jax.random.key(0)),
+                               state, batches)
 
 
 # ----------------------------------------------------------------------------------------
