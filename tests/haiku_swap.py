@@ -5,8 +5,9 @@ tests/test_haiku_suite.py), before any test module is imported: ``haiku.BatchNor
 ``haiku._src.batch_norm.BatchNorm`` (which haiku's tests use) become
 :class:`jaxbn.haiku.BatchNorm` -- the one-import change a user makes, and nothing else.
 (haiku's own networks, e.g. ``hk.nets.ResNet``, bound haiku's class when they were
-imported and keep it, as they would in a user's program.) With ``JAXBN_HAIKU_REPORT`` set, it writes a JSON report there:
-per test id, the outcome and whether the test built jaxbn's module.
+imported and keep it, as they would in a user's program.) With ``JAXBN_HAIKU_REPORT`` set,
+it writes a JSON report there: per test id, the outcome and whether the test built jaxbn's
+module.
 """
 
 from __future__ import annotations
