@@ -126,7 +126,7 @@ class BatchNorm(hk.BatchNorm):
         if is_training or test_local_stats:
             mean, var = self._batch_moments(x.astype(stat_dtype), red, keep)
         else:  # the averages, in float32 or wider (haiku: in the input's dtype)
-            wide = jnp.promote_types(stat_dtype, jnp.float32)
+            wide = jnp.float32 if jnp.finfo(stat_dtype).bits < 32 else stat_dtype
             mean = self.mean_ema.average.astype(wide)
             var = self.var_ema.average.astype(wide)
         if is_training:
@@ -141,8 +141,12 @@ class BatchNorm(hk.BatchNorm):
         elif offset is None:
             offset = jnp.zeros([], x.dtype)
         out_dtype = jnp.result_type(stat_dtype, scale, offset)
-        inv = lax.rsqrt(var + lax.convert_element_type(self.eps, var.dtype))
-        y = (x - mean) * (inv * scale) + offset
+        # Explicit casts: the arithmetic runs in the statistics' dtype, also under strict
+        # dtype promotion with half-precision inputs.
+        sdt = mean.dtype
+        inv = lax.rsqrt(var + lax.convert_element_type(self.eps, sdt))
+        y = (x.astype(sdt) - mean) * (inv * jnp.asarray(scale).astype(sdt)) + jnp.asarray(
+            offset).astype(sdt)
         return y.astype(out_dtype)
 
     def _batch_moments(self, x: jax.Array, red: tuple[int, ...], keep: tuple[int, ...]

@@ -140,6 +140,22 @@ def test_half_precision_keeps_haiku_dtypes_with_float32_statistics():
                                rtol=1e-2, atol=1e-2)  # bfloat16 output: 8 bits
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_strict_dtype_and_rank_promotion(dtype):
+    x = _data(13).astype(dtype)
+    outs = []
+    # Not under jit: haiku's moving average itself (jnp.power of a float and a traced int32
+    # counter) fails strict promotion there, with either BatchNorm.
+    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
+        for cls in CLASSES.values():
+            f = _model(cls)
+            params, state = f.init(None, x, True)
+            y, state = f.apply(params, state, None, x, True)
+            outs.append((y, state, f.apply(params, state, None, x, False)))
+    tol = TOL if dtype == jnp.float32 else dict(rtol=1e-2, atol=1e-2)  # bfloat16: 8 bits
+    _close(outs[0], outs[1], **tol)
+
+
 # ----------------------------------------------------------------------------------------
 # cross_replica_axis: jaxbn's exact merge under pmap, vmap and shard_map.
 
