@@ -133,7 +133,7 @@ def synced_moments(
     >>> m.mean, m.var, m.count
     (Array([4.], dtype=float32), Array([8.666667], dtype=float32), Array([3.], dtype=float32))
     """
-    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.finfo(x.dtype).bits < 32:
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4:
         # Widened here, explicitly, so that strict dtype promotion accepts half precision
         # (XLA fuses the conversion into the reductions).
         x = x.astype(jnp.float32)

@@ -126,7 +126,7 @@ class BatchNorm(hk.BatchNorm):
         if is_training or test_local_stats:
             mean, var = self._batch_moments(x.astype(stat_dtype), red, keep)
         else:  # the averages, in float32 or wider (haiku: in the input's dtype)
-            wide = jnp.float32 if jnp.finfo(stat_dtype).bits < 32 else stat_dtype
+            wide = jnp.float32 if jnp.dtype(stat_dtype).itemsize < 4 else stat_dtype
             mean = self.mean_ema.average.astype(wide)
             var = self.var_ema.average.astype(wide)
         if is_training:
