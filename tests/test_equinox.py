@@ -327,8 +327,6 @@ def _primed(cls, mode, x2):
 
 def _under(transform, bn, state, x, g, t, mesh):
     names = ("d", "batch")
-    if transform == "plain":
-        return _step(bn, state, x, g)
     if transform == "jit":
         return eqx.filter_jit(_step)(bn, state, x, g)
     if transform == "jvp":
@@ -359,7 +357,7 @@ def _under(transform, bn, state, x, g, t, mesh):
     return fn(x, g, state)
 
 
-TRANSFORMS = ("plain", "jit", "jvp", "scan", "pmap", "shard_map")
+TRANSFORMS = ("jit", "jvp", "scan", "pmap", "shard_map")  # untransformed: the parity tests
 
 
 @pytest.mark.parametrize("transform", TRANSFORMS)
