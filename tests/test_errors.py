@@ -194,10 +194,12 @@ def test_fully_masked_feature_outputs_bias():
 
 
 def test_submodules_are_lazy_attributes():
-    """jaxbn.linen / .nnx / .interop work after `import jaxbn`, which imports no flax/torch."""
-    code = ("import sys, jaxbn; assert 'flax' not in sys.modules and 'torch' not in sys.modules;"
-            "jaxbn.linen.BatchNorm, jaxbn.nnx.BatchNorm, jaxbn.interop.from_torch;"
-            "assert 'torch' not in sys.modules\n"
+    """jaxbn.linen / .nnx / .equinox / .haiku / .interop work after `import jaxbn`, which
+    imports none of flax, equinox, haiku or torch."""
+    code = ("import sys, jaxbn; assert not {'flax', 'torch', 'equinox', 'haiku'} & set("
+            "sys.modules); jaxbn.linen.BatchNorm, jaxbn.nnx.BatchNorm, jaxbn.interop.from_torch;"
+            "assert 'torch' not in sys.modules and 'haiku' not in sys.modules;"
+            "jaxbn.equinox.BatchNorm, jaxbn.haiku.BatchNorm\n"
             "try:\n jaxbn.linnen\nexcept AttributeError as e:\n assert 'linnen' in str(e)\n"
             "else:\n raise SystemExit('no AttributeError')")
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
