@@ -22,6 +22,7 @@ from importlib import metadata as _metadata
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from jaxbn import _serialization  # noqa: F401  (registers the state types with jax.export)
 from jaxbn.core import (
     BatchNormParams,
     BatchStats,

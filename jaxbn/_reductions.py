@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn._checks import _real_dtype, _reduction_axes, _stats_dtype
+from jaxbn._checks import _is_static, _real_dtype, _reduction_axes, _stats_dtype
 from jaxbn._xla_cpu import _fold, _private, _streams, _tile
 from jaxbn.core import Array, AxisName, Moments
 
@@ -69,9 +69,13 @@ def _local_sums(
     fshape = tuple(s for a, s in enumerate(x.shape) if a not in red)
     if fold > 1:
         fshape = (fshape[-1] // fold,)
+    if mask is None and red and not _is_static(x.shape):
+        # A symbolic batch may be empty, and its size decides the shift's slice: the masked
+        # sums (exact mean first, then deviations) need neither.
+        mask = jnp.ones((1,) * x.ndim, bool)
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape) if not red else mask
-    if not red or math.prod(x.shape[a] for a in red) == 0:
+    if not red or (_is_static(x.shape) and math.prod(x.shape[a] for a in red) == 0):
         return _trivial_sums(x, red, mask, fast_variance, fshape)
     if mask is None:
         n = jnp.full(fshape, math.prod(x.shape[a] for a in red) * fold, rdt)

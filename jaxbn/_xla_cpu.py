@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jaxbn._checks import _is_static
 from jaxbn._sharding import _varying_axes
 from jaxbn.core import Array, AxisName
 
@@ -31,7 +32,9 @@ _STREAM_BYTES = 2 << 20
 
 def _streams(x: Array) -> bool:
     """Whether the reductions over ``x`` should each read ``x`` itself (see _private)."""
-    return x.dtype.itemsize < 4 or x.size * max(x.dtype.itemsize, 4) >= _STREAM_BYTES
+    if x.dtype.itemsize < 4 or not _is_static(x.shape):  # symbolic: may be large
+        return True
+    return x.size * max(x.dtype.itemsize, 4) >= _STREAM_BYTES
 
 
 def _private(*arrays: Any, stream: bool = True) -> tuple[Any, ...]:
@@ -102,7 +105,7 @@ def _widen(x: Array, feats: tuple[int, ...], mask: Array | None) -> int:
     vectors, other layouts, masks, and inputs with nothing to reduce.
     """
     if (x.dtype.itemsize >= 4 or mask is not None or feats != (x.ndim - 1,) or x.ndim < 3
-            or x.size == 0):
+            or not _is_static(x.shape) or x.size == 0):
         return 1
     c = x.shape[-1]
     if c % _LANES == 0:
