@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import core, variants
+from jaxbn import _checks, core, variants
 
 __all__ = ["Options", "apply", "count_missing", "params", "synced_moments"]
 
@@ -140,7 +140,7 @@ def synced_moments(
     local = core.moments(x, axis=axis)
     if axis_name is None:
         return local
-    groups = core._check_axis_name(axis_name, axis_index_groups)
+    groups = _checks._check_axis_name(axis_name, axis_index_groups)
     k = len(groups[0]) if groups is not None else lax.axis_size(axis_name)
 
     def psum(v: jax.Array) -> jax.Array:

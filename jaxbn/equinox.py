@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import _modules, core
+from jaxbn import _modules, _sharding, core
 
 __all__ = ["BatchNorm"]
 
@@ -71,7 +71,7 @@ def _set(state: eqx.nn.State, index: eqx.nn.StateIndex[Any], value: Any) -> eqx.
     them are not.
     """
     old = state.get(index)
-    value = jax.tree.map(lambda v, o: core._vary_like(_astype(jnp.asarray(v), o.dtype), o),
+    value = jax.tree.map(lambda v, o: _sharding._vary_like(_astype(jnp.asarray(v), o.dtype), o),
                          value, old)
     return state.set(index, value)
 
