@@ -19,6 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.extend import core as jax_core
+from jax.interpreters import ad, batching, mlir
 
 from jaxbn._sharding import _varying_axes
 from jaxbn.core import Array, AxisName
@@ -43,34 +45,21 @@ def _private(*arrays: Any, stream: bool = True) -> tuple[Any, ...]:
     subexpression elimination, ``convert(x)`` or ``broadcast(mean)`` always is) is instead
     materialized as a full-size temporary, which costs a write, page faults and a re-read.
     An optimization barrier gives each reduction its own copies of its operands (no data
-    is copied), so that every reduction reads ``x`` straight from its buffer. Other backends
-    get the arrays unchanged: XLA:GPU fuses sibling reductions of a shared operand into one
-    kernel, which distinct identities would prevent. So do small float32 inputs
-    (``stream=False``, from :func:`_streams`): there a cache-resident shared temporary is
-    cheaper than recomputing it in every reduction. Half-precision inputs always stream:
-    their shared temporaries are float32 conversions, twice the input's size.
+    is copied), so that every reduction reads ``x`` straight from its buffer. Only programs
+    lowered for the CPU get it (:data:`_cpu_barrier_p`); others get the arrays unchanged:
+    XLA:GPU fuses sibling reductions of a shared operand into one kernel, which distinct
+    identities would prevent. So do small float32 inputs (``stream=False``, from
+    :func:`_streams`): there a cache-resident shared temporary is cheaper than recomputing
+    it in every reduction. Half-precision inputs always stream: their shared temporaries
+    are float32 conversions, twice the input's size.
     """
     if not stream:
         return arrays
     leaves, tree = jax.tree.flatten(arrays)
     if not leaves:
         return arrays
-    leaves = lax.platform_dependent(*leaves, cpu=_barrier, default=lambda *a: a)
-    out: tuple[Any, ...] = jax.tree.unflatten(tree, leaves)
+    out: tuple[Any, ...] = jax.tree.unflatten(tree, _cpu_barrier_p.bind(*leaves))
     return out
-
-
-def _barrier(*arrays: Array) -> tuple[Array, ...]:
-    # One barrier per set of shard_map varying axes, so that no array changes type.
-    groups: dict[frozenset[AxisName], list[int]] = {}
-    for i, a in enumerate(arrays):
-        groups.setdefault(_varying_axes(a), []).append(i)
-    out: list[Any] = [None] * len(arrays)
-    for idx in groups.values():
-        for i, a in zip(idx, lax.optimization_barrier(tuple(arrays[i] for i in idx)),
-                        strict=True):
-            out[i] = a
-    return tuple(out)
 
 
 def _private_terms(x: Array) -> bool:
@@ -129,3 +118,61 @@ def _fold(v: Array, fold: int) -> Array:
 def _tile(v: Array, fold: int) -> Array:
     """A per-feature vector ``(C,)`` repeated for each of the view's ``fold`` rows."""
     return v if fold == 1 else jnp.tile(v, fold)
+
+
+# ----------------------------------------------------------------------------------------
+# The barrier primitive: XLA:CPU's optimization barrier, absent from other programs.
+#
+# Which platform a program is for is known only when it is lowered (jax.jit(f).trace(...)
+# .lower(lowering_platforms=...), jax.export), not when it is traced. A primitive whose
+# lowering rule for "cpu" emits the barrier and whose rule for every other platform is the
+# identity puts the barrier in CPU programs only, with nothing of it (no conditional on the
+# platform, unlike lax.platform_dependent) in a program lowered for "cuda" or "tpu". A
+# program lowered for several platforms at once (jax.export(..., platforms=("cpu",
+# "cuda"))) gets a conditional on the platform, which its compiler resolves.
+
+
+def _barrier(*arrays: Array) -> tuple[Array, ...]:
+    """``lax.optimization_barrier`` over ``arrays``: one per set of shard_map varying axes.
+
+    One barrier per set, because the barrier requires its operands to vary alike.
+    """
+    groups: dict[frozenset[AxisName], list[int]] = {}
+    for i, a in enumerate(arrays):
+        groups.setdefault(_varying_axes(a), []).append(i)
+    out: list[Any] = [None] * len(arrays)
+    for idx in groups.values():
+        for i, a in zip(idx, lax.optimization_barrier(tuple(arrays[i] for i in idx)),
+                        strict=True):
+            out[i] = a
+    return tuple(out)
+
+
+_cpu_barrier_p = jax_core.Primitive("jaxbn_cpu_barrier")
+_cpu_barrier_p.multiple_results = True
+# Outside a compiled program there is nothing to keep apart: the identity.
+_cpu_barrier_p.def_impl(lambda *arrays: arrays)
+_cpu_barrier_p.def_abstract_eval(lambda *avals: avals)
+mlir.register_lowering(_cpu_barrier_p, lambda ctx, *arrays: arrays)
+mlir.register_lowering(_cpu_barrier_p, mlir.lower_fun(_barrier, multiple_results=True),
+                       platform="cpu")
+
+
+def _cpu_barrier_batch(args: Any, dims: Any) -> tuple[Any, Any]:
+    return _cpu_barrier_p.bind(*args), dims
+
+
+def _cpu_barrier_jvp(primals: Any, tangents: Any) -> tuple[Any, Any]:
+    # As lax.optimization_barrier's: the primals behind one barrier, the tangents another.
+    tangents = [ad.instantiate_zeros(t) for t in tangents]
+    return _cpu_barrier_p.bind(*primals), _cpu_barrier_p.bind(*tangents)
+
+
+def _cpu_barrier_transpose(cts: Any, *primals: Any) -> Any:
+    del primals
+    return _cpu_barrier_p.bind(*(ad.instantiate_zeros(ct) for ct in cts))
+
+
+batching.primitive_batchers[_cpu_barrier_p] = _cpu_barrier_batch
+ad.primitive_jvps[_cpu_barrier_p] = _cpu_barrier_jvp
+ad.primitive_transposes[_cpu_barrier_p] = _cpu_barrier_transpose
