@@ -3,12 +3,19 @@
 None of this changes a result's value; each is there because XLA:CPU measured faster with
 it:
 
-* optimization barriers (:func:`_private`, :func:`_barrier`) that give each reduction its
-  own copies of its operands, so that it reads the input straight from its buffer;
+* optimization barriers (:func:`_private`) that give each reduction its own copies of its
+  operands, so that it reads the input straight from its buffer;
 * the streaming threshold (:data:`_STREAM_BYTES`, :func:`_streams`, :func:`_private_terms`)
   that says which inputs take that path;
 * the wide view of half-precision channels-last inputs (:data:`_LANES`, :func:`_widen`,
   :func:`_wide_view`, :func:`_fold`, :func:`_tile`), which lays several rows side by side.
+
+The barriers are a primitive of their own (:data:`_cpu_barrier_p`, at the end of this
+module) whose lowering emits them in programs lowered for the CPU and nothing in programs
+lowered for any other platform: a program for ``cuda`` or ``tpu`` holds no barrier and no
+conditional on the platform from here. The wide view is decided at trace time, before the
+platform is known; it is a reshape and two small per-feature sums, and applies to
+half-precision inputs only.
 """
 
 from __future__ import annotations
