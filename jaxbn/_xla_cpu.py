@@ -115,13 +115,13 @@ def _sums_fold(x: Array, red: tuple[int, ...], fold: int) -> int:
     A cache-resident float32 input with a few features per row spends most of its
     statistics' time in the two reductions' short inner loops, not in memory traffic: over
     the view of :func:`_widen` (fold :func:`_lanes_fold`) they measured faster on an AVX2
-    x86-64 CPU, paired with the plain sums in one process: at 128x12x12x20 the forward pass
-    0.63-0.76x and forward and backward 0.87-0.92x its time, at 64x12x12x20 0.74x and 0.89x;
-    at 32x12x12x20 and 128x4x4x50 (under :data:`_WIDE_SUMS_BYTES`) it was slower. Only the
-    sums: the elementwise passes keep the input's layout. The sums are then added in
-    another order (float rounding apart, the same statistics). 1 for an input already
-    viewed (``fold > 1``), other dtypes, inputs outside ``[_WIDE_SUMS_BYTES,
-    _STREAM_BYTES)``, and whatever :func:`_lanes_fold` leaves alone.
+    x86-64 CPU, paired with the plain sums in one process: about a quarter off the forward
+    pass and a tenth off forward and backward at 128x12x12x20 and 64x12x12x20; slower at
+    32x12x12x20 and 128x4x4x50 (under :data:`_WIDE_SUMS_BYTES`). Only the sums: the
+    elementwise passes keep the input's layout. The sums are then added in another order
+    (float rounding apart, the same statistics). 1 for an input already viewed
+    (``fold > 1``), other dtypes, inputs outside ``[_WIDE_SUMS_BYTES, _STREAM_BYTES)``,
+    and whatever :func:`_lanes_fold` leaves alone.
     """
     if (fold != 1 or x.dtype != jnp.float32 or _streams(x)
             or x.size * x.dtype.itemsize < _WIDE_SUMS_BYTES):
