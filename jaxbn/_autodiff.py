@@ -121,8 +121,10 @@ def _train_normalize_jvp(
     w = parts.inv if parts.mul is None else parts.inv * parts.mul
     wn = w / jnp.maximum(parts.moments.count, 1)
     # Recomputed from x and per-feature vectors when JAX transposes it, so reverse mode
-    # keeps no full-size residual but x itself (x - mean, xhat are never saved).
-    tangent = jax.checkpoint(functools.partial(_train_tangent, cfg))
+    # keeps no full-size residual but x itself (x - mean, xhat are never saved). Without
+    # prevent_cse's optimization barrier, which no program lowered for a GPU or TPU should
+    # carry: XLA:CPU compiled the same fusions either way.
+    tangent = jax.checkpoint(functools.partial(_train_tangent, cfg), prevent_cse=False)
     y_dot = tangent(x, parts.moments.mean, parts.inv, w, (wn, wn * parts.inv), mask,
                     x_dot, k1, k0)
     return out, (y_dot, m_dot)

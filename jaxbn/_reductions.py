@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from jaxbn._checks import _is_static, _real_dtype, _reduction_axes, _stats_dtype
-from jaxbn._xla_cpu import _fold, _private, _streams, _tile
+from jaxbn._xla_cpu import _fold, _private, _streams, _sums_fold, _tile, _wide_view
 from jaxbn.core import Array, AxisName, Moments
 
 # The shift is the mean of at least this many values per feature (if present) and of at
@@ -78,6 +78,9 @@ def _local_sums(
     if not red or (_is_static(x.shape) and math.prod(x.shape[a] for a in red) == 0):
         return _trivial_sums(x, red, mask, fast_variance, fshape)
     if mask is None:
+        k = _sums_fold(x, red, fold)
+        if k > 1:
+            return _local_sums(_wide_view(x, k), (0, 1), None, fast_variance, k)
         n = jnp.full(fshape, math.prod(x.shape[a] for a in red) * fold, rdt)
         if fast_variance:
             xa, xb = _private(x, x, stream=_streams(x))

@@ -22,9 +22,12 @@ Numerical decisions, in one place:
   half-precision input, each reduction reads the input straight from its buffer and,
   without a mask, no full-size temporary is materialized in the forward or the backward
   pass: an optimization barrier gives each reduction its own copy of its operands
-  (``jaxbn._xla_cpu._private`` explains why). Half-precision channels-last inputs whose
+  (``jaxbn._xla_cpu._private`` explains why), in programs lowered for the CPU only (a
+  program lowered for a GPU or TPU holds none). Half-precision channels-last inputs whose
   feature count is not a multiple of 16 are processed as a wider view that lays several
-  rows side by side (``_widen``); float32 keeps its layout and its summation order.
+  rows side by side (``_widen``); float32 keeps its layout, but for inputs of 512 KiB to
+  2 MiB the statistics' sums take the same view (``_sums_fold``; float rounding apart,
+  the same statistics).
 * Derivatives (:func:`batch_normalize`): a ``jax.custom_jvp`` whose tangent is linear in
   the input tangents and needs only ``x`` and per-feature vectors, and is recomputed from
   them (``jax.checkpoint``) when JAX transposes it for reverse mode. So forward mode
