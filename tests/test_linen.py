@@ -20,15 +20,18 @@ from jaxbn import linen as bn_linen
 from tests import tolerance
 
 NUM_DEVICES = 8
-# float32 parity: rtol 1e-6 with an absolute floor of 1e-7. The two sides agree to ~1e-7
-# normwise, not bit for bit: the core sums then divides where flax takes jnp.mean, its
-# stable variance is a shifted two-pass (flax: plain two-pass), and it has its own backward
-# pass. The floor covers gradients that are exactly zero in exact arithmetic (a conv bias
-# feeding BN), which both sides return as rounding noise of ~1e-9, and elements of a leaf
-# far below its largest: an element's rounding error follows the size of the terms summed
-# into it, not its own size, so the floor is 1e-7 times the leaf's largest magnitude (at
-# least 1e-7). A gradient element missed the plain 1e-7 floor by 1e-7 in a full session.
-RTOL, ATOL = 1e-6, 1e-7
+# float32 parity: rtol 1e-6 with an absolute floor of 1e-6 times the leaf's largest magnitude
+# (at least 1e-6), about 8 float32 ulps of the leaf's scale. The two sides agree to ~1e-7
+# normwise, not bit for bit: the core sums then divides where flax takes jnp.mean, its stable
+# variance is a shifted two-pass (flax: plain two-pass), and it has its own backward pass; and
+# the order in which XLA sums (so the rounding) changes with the CPU's vector width. An
+# element's rounding error follows the size of the terms summed into it, not its own size, so
+# the floor scales with the leaf's largest magnitude, and with 1 for leaves below that: BN's
+# normalized outputs, O(1), enter every statistic and gradient, and gradients that are zero in
+# exact arithmetic (a conv bias feeding BN) come back as rounding noise of ~1e-9. A floor of
+# one ulp (1e-7) failed on other CPUs. The multi-step training test is judged against a
+# float64 run instead (tests/tolerance.py).
+RTOL, ATOL = 1e-6, 1e-6
 
 # Keywords we add to flax's set: the unbiased running variance and the BN variants.
 EXTRAS = {"unbiased_running_var", "renorm", "renorm_r_max", "renorm_d_max", "virtual_batch_size"}
