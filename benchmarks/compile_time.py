@@ -281,7 +281,8 @@ def print_table(data: dict[str, Any], out=sys.stdout) -> None:
     meta = data["meta"]
     print(f"\n== Compile time of one training step on {harness.machine_name(meta['machine'])}"
           f" ({meta['backend']}, jax {meta['jax']}); fresh processes, both orders; seconds, "
-          "median over processes", file=out)
+          f"median over processes; load average {meta.get('loadavg_before')} before, "
+          f"{meta.get('loadavg_after')} after", file=out)
     print("   first: the process's first step compile (after the backend set-up); second: "
           "after the other BN's step; warm: the first step compiled again", file=out)
     head = (f"{'model':>9} {'dtype':>8} {'variant':>19} {'BN':>5} {'position':>8} {'n':>2} | "
@@ -371,7 +372,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.json.write_text(json.dumps(data, indent=1))
         return data
 
-    data = write(run_children(runs, args, write))
+    # No load guard can make a compile time on a busy machine reliable: the load average
+    # before and after is recorded with the numbers instead.
+    meta["loadavg_before"] = harness._loadavg()
+    results = run_children(runs, args, write)
+    meta["loadavg_after"] = harness._loadavg()
+    data = write(results)
     print_table(data)
     print(f"# wrote {args.json}", flush=True)
     return data
