@@ -1,7 +1,7 @@
 # `make run`: set up and train the LeNet-BN on Fashion-MNIST.  `make test`: set up and run the tests.
 # `make ci`: everything CI runs (tests, the installed-wheel check, the documentation build,
 # the type check).
-.PHONY: setup data run test lint bench docs typecheck check-wheel ci bench-gpu
+.PHONY: setup data run test test-min lint bench docs typecheck check-wheel ci bench-gpu
 PYTEST_ARGS ?=
 # pytest-xdist workers for `make test`: three on two cores keep both busy while tests wait on
 # subprocesses and timeouts; 0 runs the tests in one process.
@@ -21,6 +21,11 @@ run: setup data
 test: setup data
 	.venv/bin/python -m ruff check jaxbn train tests benchmarks docs/conf.py
 	.venv/bin/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+
+# The tests against the oldest supported releases (pyproject.toml's lower bounds, pinned in
+# scripts/min-versions.txt), in their own .venv-min.
+test-min: data
+	PYTEST_WORKERS=$(PYTEST_WORKERS) PYTEST_ARGS="$(PYTEST_ARGS)" scripts/test_min.sh
 
 # The documentation site, warnings as errors: docs/_build/html/index.html.
 docs: setup

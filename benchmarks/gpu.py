@@ -10,6 +10,9 @@ that the whole run stays under :data:`BUDGET_S` (8 minutes):
   and PyTorch reach in forward+backward;
 * ``benchmarks.lenet`` at batch 128 and 1024: images/s of the training program's step vs the
   PyTorch model on CUDA (eager, NCHW and channels-last);
+* ``benchmarks.compile_time``: ResNet-18 and LeNet steps compiled with each BN in fresh
+  processes (both orders, set-up outside the timed compile; trace, lowering, XLA compile),
+  then with XLA:GPU's autotuning off, the fusion autotuner off and compilation statistics;
 * ``benchmarks.resnet``: ResNet-18 (CIFAR, batch 64) and ResNet-50 (64x64, batch 32) steps,
   float32 and bfloat16: jaxbn vs flax time and temporary memory, images/s vs PyTorch
   channels-last and NCHW.
@@ -46,16 +49,23 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], int]] = {
            ["--shapes", "128,12,12,20;256,32,32,64;256,56,56,128", "--repeats", "9",
             "--sample-ms", "10", "--no-memory"],
            ["--shapes", "16,4,4,8", "--repeats", "2", "--sample-ms", "1", "--warmup", "1"],
-           150),
+           120),
     # Eager PyTorch only: torch.compile's first compiles alone would take most of the budget.
     "lenet": ("benchmarks.lenet", ["--batch-sizes", "128,1024", "--peers", "torch_nchw,torch_cl",
                                    "--rounds", "7", "--sample-ms", "50", "--settle-ms", "0"],
               ["--batch-sizes", "16", "--peers", "torch_nchw", "--rounds", "2", "--warmup", "1",
-               "--sample-ms", "1", "--settle-ms", "0", "--convs", "flax"], 100),
+               "--sample-ms", "1", "--settle-ms", "0", "--convs", "flax"], 80),
+    # Where a step's compile time goes: ResNet-18 and the LeNet with each BN in fresh
+    # processes, then XLA:GPU's autotuning off, the fusion autotuner off, and its compilation
+    # statistics; it writes its JSON after every process and stops within its budget.
+    "compile": ("benchmarks.compile_time",
+                ["--models", "resnet18,lenet", "--budget-s", "110",
+                 "--variants", "default,autotune0,no_fusion_autotuner,stats"],
+                ["--quick", "--models", "lenet", "--variants", "default,stats"], 120),
     # Last, and it writes its JSON after every configuration: a time-out keeps what ran.
     "resnet": ("benchmarks.resnet", ["--rounds", "7", "--sample-ms", "50"],
                ["--quick", "--models", "resnet18", "--dtypes", "float32", "--rounds", "1"],
-               210),
+               160),
 }
 
 
@@ -165,6 +175,11 @@ def print_summary(data: dict[str, Any], out=sys.stdout) -> None:
                   f" | {harness.fmt(r['jaxbn'], '.2f', 6)} {harness.fmt(r['flax_fast'], '.2f', 6)}"
                   f" {harness.fmt(r['flax_2pass'], '.2f', 6)} "
                   f"{harness.fmt(r['torch_best'], '.2f', 6)}", file=out)
+    compile_data = data.get("compile", {}).get("data")
+    if compile_data and compile_data.get("summary"):
+        from benchmarks import compile_time
+
+        compile_time.print_table(compile_data, out=out)
     rows = model_rows(data.get("lenet", {}).get("data"), data.get("resnet", {}).get("data"))
     if rows:
         print("\nTraining steps: images/s, ours vs PyTorch's best layout (speed > 1: ours "

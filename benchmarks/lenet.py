@@ -32,6 +32,11 @@ before and during every round; when it exceeds 0.15 cores the result is marked
 Results are printed as a table (and as docs/performance.md's Markdown table) and written as JSON
 (``benchmarks/results/lenet.json`` or ``--json PATH``); ``--show A.json B.json`` prints the
 tables of saved results, e.g. of one run per batch size.
+
+The compile times reported here are each step's first compile in this process. To compare
+compile times between BatchNorms, ``--compile-time`` runs :mod:`benchmarks.compile_time` for
+the training program's step with ``--norm jaxbn`` and ``--norm flax`` (fresh processes, both
+orders, the backend set up first, trace, lowering and XLA compile timed apart).
 """
 
 from __future__ import annotations
@@ -344,10 +349,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                     help="minimum length of one timing sample")
     ap.add_argument("--settle-ms", type=float, default=50.0,
                     help="untimed sleep before each sample (spinning threads go idle)")
+    ap.add_argument("--compile-time", action="store_true",
+                    help="measure compile times in fresh processes (benchmarks.compile_time)")
     harness.add_model_args(ap, DEFAULT_JSON)
     args = ap.parse_args(argv)
     if args.show:
         return show(args.show)
+    if args.compile_time:
+        from benchmarks import compile_time
+
+        json_arg = [] if args.json == DEFAULT_JSON else ["--json", str(args.json)]
+        return compile_time.main(["--models", "lenet", "--processes", str(args.processes),
+                                  *json_arg])
     batches = [int(b) for b in args.batch_sizes.split(",") if b]
     args.peers = _parse_list(args.peers, TORCH_PEERS, "--peers")
     args.convs = _parse_list(args.convs, ("fast", "flax"), "--convs")

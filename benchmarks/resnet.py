@@ -25,7 +25,9 @@ and dtype the benchmark
 * checks that the flax and jaxbn steps agree (the loss of the first step from the same
   parameters and batch);
 * reports the compiled step's temporary memory (``.compile().memory_analysis()``'s
-  ``temp_size_in_bytes``) for both;
+  ``temp_size_in_bytes``) for both, and the time it took (``compile_s``: lowering and
+  compiling, both steps in one process, jaxbn's first: the second reuses what the first
+  warmed, so the two are no comparison of compile times -- ``--compile-time`` is);
 * times jaxbn against flax and against PyTorch's eager step on the same architecture in
   ``channels_last`` and NCHW memory formats (``torch.autocast`` to bfloat16 for ``bfloat16``;
   on CUDA when JAX runs on a GPU), interleaved and paired (:mod:`benchmarks.harness`):
@@ -40,6 +42,10 @@ a result measured while another process competed for the CPU is marked ``reliabl
 Results are printed as a table (and as docs/performance.md's Markdown table) and written as JSON
 (``benchmarks/results/resnet.json`` or ``--json PATH``); ``--show A.json B.json`` prints the
 tables of saved results, e.g. of one run per model.
+
+``--compile-time`` measures compile times instead, for ``--models`` and ``--dtypes``:
+:mod:`benchmarks.compile_time` (each step compiled in fresh processes, in both orders, the
+backend set up first, trace, lowering and XLA compile timed apart, plus a warm compile).
 """
 
 from __future__ import annotations
@@ -476,6 +482,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=1, help="untimed steps of each implementation")
     ap.add_argument("--sample-ms", type=float, default=None,
                     help="minimum length of one timing sample (default 1 on CPU, 50 on GPU)")
+    ap.add_argument("--compile-time", action="store_true",
+                    help="measure compile times in fresh processes (benchmarks.compile_time)")
     harness.add_model_args(ap, DEFAULT_JSON)
     args = ap.parse_args(argv)
     if args.quick:
@@ -494,6 +502,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
     if args.show:
         return show(args.show)
+    if args.compile_time:
+        from benchmarks import compile_time
+
+        json_arg = [] if args.json == DEFAULT_JSON else ["--json", str(args.json)]
+        return compile_time.main(["--models", args.models, "--dtypes", args.dtypes,
+                                  "--processes", str(args.processes),
+                                  *(["--quick"] if args.quick else []), *json_arg])
     if args.processes > 1:
         data = merge(harness.run_processes("benchmarks.resnet", argv, args.processes))
         _write(data, args.json)

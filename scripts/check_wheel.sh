@@ -5,7 +5,7 @@
 #
 # The fresh environment installs the versions that .venv has (a constraints file from its
 # `pip freeze`), so pip takes them from its cache or the local package index instead of
-# resolving anew; torch comes from the [torch] extra's pin.
+# resolving anew (torch: .venv's CPU wheel, scripts/dev-constraints.txt).
 #
 # WHEEL_PYTHON (default: the interpreter .venv was made from) and WHEEL_EXTRAS (default
 # flax,torch,equinox,haiku) choose the fresh environment, e.g. WHEEL_PYTHON=python3.12

@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Creates .venv and installs jaxbn (editable) with the extras for training, tests, PyTorch
 # interop, the equinox and haiku modules, the documentation and the type check.
-# Idempotent: reinstalls only when pyproject.toml changed since the last install.
+# Idempotent: reinstalls only when pyproject.toml or scripts/dev-constraints.txt changed since
+# the last install. Everything else comes at its newest release (pyproject.toml has no upper
+# bounds): `make test` tests the newest, `make test-min` the oldest supported releases.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -16,8 +18,9 @@ if [ ! -x .venv/bin/python ]; then
   fi
 fi
 stamp=.venv/.jaxbn-installed
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/dev-constraints.txt -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[train,test,torch,equinox,haiku,docs,typecheck]"
+  .venv/bin/python -m pip install -q -c scripts/dev-constraints.txt \
+    -e ".[train,test,torch,equinox,haiku,docs,typecheck]"
   touch "$stamp"
 fi

@@ -27,14 +27,16 @@ if jax.device_count() < NUM_DEVICES:  # pragma: no cover - a set-up error, not a
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """flax's own BatchNorm tests run in a subprocess. In one pytest process: start it now,
     wait for it last. Under pytest-xdist (``make test``, one file per worker at a time): its
-    file goes first, so that one worker starts it at once while the others take the rest."""
+    file goes first, and so does tests/test_cpu_isa.py's (another subprocess, the longest
+    test), so that workers start them at once while the others take the rest."""
+    if hasattr(config, "workerinput"):
+        first = ("tests/test_flax_suite.py", "tests/test_cpu_isa.py")
+        items.sort(key=lambda i: not i.nodeid.startswith(first))  # stable: order kept
+        return
     flax_suite = [i for i in items if i.nodeid.startswith("tests/test_flax_suite.py")]
     if not flax_suite or config.option.collectonly:
         return
     rest = [i for i in items if i not in flax_suite]
-    if hasattr(config, "workerinput"):
-        items[:] = flax_suite + rest
-        return
     items[:] = rest + flax_suite
     from tests import test_flax_suite
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import gpu, harness, lenet, resnet
+from benchmarks import compile_time, gpu, harness, lenet, resnet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -169,3 +169,50 @@ def test_harness_doctests():
 
     result = doctest.testmod(harness, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_compile_time_fresh_processes_both_orders_and_gpu_diagnostics(tmp_path, monkeypatch):
+    """The tiny LeNet step with each BN, compiled in fresh processes in both orders, stages
+    timed apart, a warm recompile; the XLA:GPU statistics variant runs the same path (its
+    options exist on the CPU and change nothing). About 25 s of CPU."""
+    out = tmp_path / "compile.json"
+    data = compile_time.main(["--quick", "--models", "lenet", "--variants", "default,stats",
+                              "--json", str(out)])
+    runs = data["runs"]
+    assert [(r["variant"], r["order"]) for r in runs] == [
+        ("default", ["jaxbn", "flax"]), ("default", ["flax", "jaxbn"]),
+        ("stats", ["jaxbn"]), ("stats", ["flax"])]
+    assert all("error" not in r and r["setup_s"] > 0 for r in runs)
+    assert [(c["norm"], c["position"]) for c in runs[1]["compiles"]] == [
+        ("flax", "first"), ("jaxbn", "second"), ("flax", "warm")]
+    for c in (c for r in runs for c in r["compiles"]):
+        assert min(c["trace_s"], c["lower_s"], c["compile_s"], c["xla_s"]) > 0, c
+        assert c["xla_s"] <= c["compile_s"] and c["trace_event_s"] <= c["trace_s"]
+    assert "log_tail" in runs[2]  # the statistics variant keeps its log
+    rows = {(r["variant"], r["norm"], r["position"]): r for r in data["summary"]}
+    assert rows[("default", "jaxbn", "first")]["n"] == 1
+    assert set(compile_time.first_compile_ratios(data["summary"])) == {
+        ("lenet", "float32", "default"), ("lenet", "float32", "stats")}
+    assert json.loads(out.read_text())["summary"] == data["summary"]
+    # The LeNet and ResNet benchmarks' --compile-time hand over to it.
+    monkeypatch.setattr(compile_time, "main", lambda argv: argv)
+    assert lenet.main(["--compile-time", "--json", str(out)]) == [
+        "--models", "lenet", "--processes", "1", "--json", str(out)]
+    assert resnet.main(["--compile-time", "--quick", "--models", "resnet50"])[:2] == [
+        "--models", "resnet50"]
+
+
+def test_compile_time_gpu_diagnostics_dry_run():
+    """What ``make bench-gpu`` runs on a GPU, without one: each diagnostic in its own process
+    with its XLA flag or compiler option."""
+    _, gpu_args, _, limit = gpu.BENCHMARKS["compile"]
+    runs = compile_time.plan(["resnet18"], ["float32"], gpu_args[-1].split(","), 1)
+    assert len(runs) == 8 and {r["variant"] for r in runs} == set(compile_time.VARIANTS)
+    for run in runs:
+        cmd, env = compile_time.child_command(run, False, Path("x.json"))
+        flags, options = compile_time.VARIANTS[run["variant"]]
+        assert all(f in env.get("XLA_FLAGS", "") for f in flags)
+        assert "--child" in cmd and run["order"] in cmd
+    assert compile_time.VARIANTS["autotune0"][1] == {"xla_gpu_autotune_level": 0}
+    assert float(gpu_args[gpu_args.index("--budget-s") + 1]) < limit
+    assert sum(b[3] for b in gpu.BENCHMARKS.values()) <= gpu.BUDGET_S
