@@ -1,6 +1,6 @@
 # `make run`: set up and train the LeNet-BN on Fashion-MNIST.  `make test`: set up and run the tests.
 # `make ci`: everything CI runs (tests, the installed-wheel check, the documentation build,
-# the type check).
+# the type check, and the tests again on the oldest supported releases).
 .PHONY: setup data run test test-min lint bench docs typecheck check-wheel ci bench-gpu
 PYTEST_ARGS ?=
 # pytest-xdist workers for `make test`: three on two cores keep both busy while tests wait on
@@ -39,7 +39,7 @@ typecheck: setup
 check-wheel: setup
 	scripts/check_wheel.sh
 
-ci: test check-wheel docs typecheck
+ci: test check-wheel docs typecheck test-min
 
 bench: setup
 	.venv/bin/python -m benchmarks.bn
