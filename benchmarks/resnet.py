@@ -103,6 +103,9 @@ def flax_resnet(name: str, *, norm: str, dtype: Any, width: int = 64,
 
     if name not in SPECS:
         raise ValueError(f"model: expected one of {sorted(SPECS)}, got {name!r}")
+    if norm in FUSED:
+        return fused_resnet(name, activation=FUSED[norm], dtype=dtype, width=width,
+                            blocks=blocks)
     norms = {"flax": nn.BatchNorm, "jaxbn": jaxbn.linen.BatchNorm}
     if norm not in norms:
         raise ValueError(f"norm: expected one of {sorted(norms)}, got {norm!r}")
@@ -153,6 +156,73 @@ def _block(x, kind: str, features: int, strides: int, conv: Callable, bn: Callab
     if strides != 1 or x.shape[-1] != out:
         x = bn()(conv(out, (1, 1), strides=s)(x))
     return nn.relu(y + x)
+
+
+#: Fused BatchNorm choices of :func:`flax_resnet`: every BN -> ReLU, every BN -> + shortcut
+#: -> ReLU, and the shortcut's BN as one ``jaxbn.linen.BatchNormAct`` with this activation.
+#: ``fused`` is the same model as ``flax`` and ``jaxbn``; ``inplace`` is In-Place ABN's
+#: (leaky ReLU, slope 0.01), which keeps only each layer's output for the backward pass.
+FUSED = {"fused": "relu", "inplace": "leaky_relu"}
+
+
+def fused_resnet(name: str, *, activation: str, dtype: Any, width: int = 64,
+                 blocks: int | None = None) -> Any:
+    """:func:`flax_resnet` with ``jaxbn.linen.BatchNormAct`` fusing BN, shortcut and activation.
+
+    The same convolutions in the same order; each ``relu(bn(conv(x)))`` is
+    ``BatchNormAct(activation)(conv(x))``, each block's ``relu(bn(conv(y)) + shortcut)`` is
+    ``BatchNormAct(activation)(conv(y), shortcut)``, and a projection shortcut's BN is a
+    ``BatchNormAct`` with ``activation="identity"``.
+    """
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    import jaxbn.linen
+
+    kind, stage_blocks, stem, _, _ = SPECS[name]
+    if blocks is not None:
+        stage_blocks = (blocks,) * len(stage_blocks)
+
+    class FusedResNet(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, train: bool):
+            conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype,
+                                     param_dtype=jnp.float32)
+            bn = functools.partial(jaxbn.linen.BatchNormAct, use_running_average=not train,
+                                   momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
+                                   activation=activation)
+            if stem == "cifar":
+                x = bn()(conv(width, (3, 3), padding=((1, 1), (1, 1)))(x))
+            else:
+                x = bn()(conv(width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)))(x))
+                x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            for stage, n in enumerate(stage_blocks):
+                features = width * 2**stage
+                for i in range(n):
+                    strides = 2 if stage > 0 and i == 0 else 1
+                    x = _fused_block(x, kind, features, strides, conv, bn)
+            x = jnp.mean(x, axis=(1, 2))
+            return nn.Dense(NUM_CLASSES, dtype=dtype, param_dtype=jnp.float32)(x)
+
+    return FusedResNet()
+
+
+def _fused_block(x, kind: str, features: int, strides: int, conv: Callable, bn: Callable):
+    """:func:`_block` with each BN and what follows it as one ``BatchNormAct``."""
+    pad = ((1, 1), (1, 1))
+    s = (strides, strides)
+    if kind == "basic":
+        out = features
+        y = bn()(conv(features, (3, 3), strides=s, padding=pad)(x))
+        y = conv(features, (3, 3), padding=pad)(y)
+    else:
+        out = 4 * features
+        y = bn()(conv(features, (1, 1))(x))
+        y = bn()(conv(features, (3, 3), strides=s, padding=pad)(y))
+        y = conv(out, (1, 1))(y)
+    if strides != 1 or x.shape[-1] != out:
+        x = bn(activation="identity")(conv(out, (1, 1), strides=s)(x))
+    return bn()(y, x)
 
 
 def make_step(model: Any) -> tuple[Callable, Any]:

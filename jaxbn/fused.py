@@ -466,7 +466,10 @@ def _invert(act: _Act, y: Array) -> Array:
     """The pre-activation ``z`` of an invertible activation's output ``y``."""
     if act.kind == "identity":
         return y
-    return jnp.where(y >= 0, y, y / act.slope)
+    # Arithmetic, not a select: XLA:CPU's reductions absorb max/min but not a select, which
+    # it would materialize as a full-size temporary (and compute in the forward pass, where
+    # y is ready, keeping it alive until the backward pass needs it).
+    return jnp.maximum(y, 0) + jnp.minimum(y, 0) / act.slope
 
 
 def _tangent(cfg: _Config, src: Array, aux: Array | None, centre: Array | None,
