@@ -466,10 +466,10 @@ def _invert(act: _Act, y: Array) -> Array:
     """The pre-activation ``z`` of an invertible activation's output ``y``."""
     if act.kind == "identity":
         return y
-    # Arithmetic, not a select: XLA:CPU's reductions absorb max/min but not a select, which
-    # it would materialize as a full-size temporary (and compute in the forward pass, where
-    # y is ready, keeping it alive until the backward pass needs it).
-    return jnp.maximum(y, 0) + jnp.minimum(y, 0) / act.slope
+    # y - |y| is 0 or 2y exactly, so z = y where y >= 0 and y + (1 / slope - 1) * y =
+    # y / slope (to one rounding) elsewhere; arithmetic rather than a select, which XLA:CPU
+    # materializes as a full-size temporary when a reduction consumes it.
+    return y + (y - jnp.abs(y)) * ((1 / act.slope - 1) / 2)
 
 
 def _tangent(cfg: _Config, src: Array, aux: Array | None, centre: Array | None,
@@ -526,14 +526,32 @@ def _tangent(cfg: _Config, src: Array, aux: Array | None, centre: Array | None,
     terms: list[Array] = []
     if t_all is not None:
         terms.append(t_all * bc(_vary_like(w, src)))
-    if k1 is not None:
+    outside = None
+    if k1 is not None and out_path:
+        # act'(z) * dev * K = (y - act'(z) * (bias + residual)) * K for a positively
+        # homogeneous activation (act(z) = act'(z) * z): transposed, K's cotangent is then
+        # sum(y * g) - sum((bias + residual) * g'), sums of plain products, and no function
+        # of y alone (which XLA:CPU would compute in the forward pass and keep) is formed.
+        kk = bc(c * k1)
+        outside = sc.astype(sdt) * kk
+        shift = None if centre is None else jnp.broadcast_to(-bc(centre.astype(sdt)) * kk,
+                                                             src.shape)
+        shift = shift if ac is None else (-ac.astype(sdt) * kk if shift is None
+                                          else shift - ac.astype(sdt) * kk)
+        if shift is not None:
+            terms.append(shift)
+    elif k1 is not None:
         terms.append(centred(sc, ac, kc) * bc(c * k1))
     if k0 is not None:
         terms.append(jnp.broadcast_to(bc(k0), src.shape))
     if r_dot is not None:
         terms.append(r_dot.astype(sdt))
+    if not terms:
+        assert outside is not None
+        return outside
     z_dot = sum(terms[1:], start=terms[0])
-    return _act_tangent(cfg, src, aux, (mean, w, bias), z_dot)
+    y_dot = _act_tangent(cfg, src, aux, (mean, w, bias), z_dot)
+    return y_dot if outside is None else y_dot + outside
 
 
 def _act_tangent(cfg: _Config, src: Array, aux: Array | None,
