@@ -526,7 +526,7 @@ def _tangent(cfg: _Config, src: Array, aux: Array | None, centre: Array | None,
     terms: list[Array] = []
     if t_all is not None:
         terms.append(t_all * bc(_vary_like(w, src)))
-    outside = None
+    outside: Array | None = None
     if k1 is not None and out_path:
         # act'(z) * dev * K = (y - act'(z) * (bias + residual)) * K for a positively
         # homogeneous activation (act(z) = act'(z) * z): transposed, K's cotangent is then
