@@ -29,7 +29,7 @@ processes of those medians, with their range. ``faults/step``: minor page faults
 before and during every round; when it exceeds 0.15 cores the result is marked
 ``reliable: false`` and a warning names the competitors.
 
-Results are printed as a table (and as the README's Markdown table) and written as JSON
+Results are printed as a table (and as docs/performance.md's Markdown table) and written as JSON
 (``benchmarks/results/lenet.json`` or ``--json PATH``); ``--show A.json B.json`` prints the
 tables of saved results, e.g. of one run per batch size.
 """
@@ -274,7 +274,7 @@ def print_table(data: dict[str, Any], out=sys.stdout) -> None:
 
 
 def markdown(data: dict[str, Any]) -> str:
-    """The README's table: per batch, our time, each peer's time and our speed against it."""
+    """The performance page's table: per batch, our time, each peer's time and our speed."""
     results = data["results"]
     base = results[0]["base"]
     peers = [k for k in results[0]["ms"] if k != base]

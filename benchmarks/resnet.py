@@ -37,7 +37,7 @@ The process first applies the training program's allocator settings
 every step page-faults its ~90k pages of temporaries in again. Thread settings, the load
 guard and the machine's name come from :mod:`benchmarks.harness`;
 a result measured while another process competed for the CPU is marked ``reliable: false``.
-Results are printed as a table (and as the README's Markdown table) and written as JSON
+Results are printed as a table (and as docs/performance.md's Markdown table) and written as JSON
 (``benchmarks/results/resnet.json`` or ``--json PATH``); ``--show A.json B.json`` prints the
 tables of saved results, e.g. of one run per model.
 """
@@ -500,7 +500,7 @@ def print_table(data: dict[str, Any], out=sys.stdout) -> None:
 
 
 def markdown(data: dict[str, Any]) -> str:
-    """The README's table: jaxbn vs flax time and temporary memory, PyTorch for reference."""
+    """The performance page's table: jaxbn vs flax time and temporary memory, PyTorch too."""
     head = ["model", "dtype", "batch", "jaxbn ms", "flax ms", "time jaxbn/flax [q1, q3]",
             "temp MiB jaxbn / flax", "temp ratio", "PyTorch best (ms)", "time jaxbn/PyTorch",
             "faults/step jaxbn", "load ok"]

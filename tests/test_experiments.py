@@ -1,4 +1,4 @@
-"""End-to-end test of ``python -m train.experiments --quick`` (train/experiments.py) on tiny data.
+"""End-to-end test of ``python -m train.experiments --quick`` (train/experiments/) on tiny data.
 
 One in-process run of two experiments (``convergence`` and ``batch_size``, which covers
 the eight-device synchronized and per-device BN runs) on synthetic IDX files; the tests below
@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from tests.synthetic import learnable_images
-from train import experiments, idx, report
+from train import experiments, idx
+from train.experiments import report
 
 N_TRAIN, N_TEST = 256, 64
 ONLY = ("convergence", "batch_size")

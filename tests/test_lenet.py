@@ -394,12 +394,30 @@ def test_help_lists_the_exit_codes(capsys):
         assert re.search(rf"^\s+{code}\s+{re.escape(meaning[:30])}", out, re.MULTILINE), code
 
 
-def test_readme_documents_every_exit_status():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    table = readme[readme.index("| exit status | meaning |"):]
-    table = table[:table.index("\n\n")]
-    rows = dict(re.findall(r"^\| (\d+) \| (.+) \|$", table, re.MULTILINE))
+LENET_DOCS = Path(__file__).resolve().parents[1] / "docs" / "lenet.md"
+
+
+def _docs_table(header):
+    """The Markdown table of docs/lenet.md that starts with ``header``."""
+    page = LENET_DOCS.read_text()
+    table = page[page.index(header):]
+    return table[:table.index("\n\n")]
+
+
+def test_docs_document_every_exit_status():
+    rows = dict(re.findall(r"^\| (\d+) \| (.+) \|$", _docs_table("| exit status | meaning |"),
+                           re.MULTILINE))
     assert {int(code): meaning.replace("`", "") for code, meaning in rows.items()} == EXIT_CODES
+
+
+def test_docs_document_every_flag_with_its_default():
+    rows = re.findall(r"^\| `(--[a-z-]+)[^|]*\| ([^|]+) \|", _docs_table("| flag | default |"),
+                      re.MULTILINE)
+    documented = {flag: default.strip("` ") for flag, default in rows}
+    parser = config.build_parser()
+    flags = {a.option_strings[0]: a.default for a in parser._actions
+             if a.option_strings and a.dest != "help"}
+    assert {f: "—" if d is None else str(d) for f, d in flags.items()} == documented
 
 
 def test_resume_rules_and_compile_key_come_from_the_fields(tmp_path):

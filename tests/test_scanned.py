@@ -1,5 +1,6 @@
-"""Tests of the experiments' compiled training (train/scanned.py) and of the BN paper's MLP
-(train/mlp.py), on tiny models: what the experiments on BN's statistics build on."""
+"""Tests of the experiments' compiled training (train/experiments/scanned.py) and of the BN
+paper's MLP (train/experiments/mlp.py), on tiny models: what the experiments on BN's statistics
+build on."""
 
 import flax.linen as nn
 import jax
@@ -10,8 +11,8 @@ import pytest
 
 import jaxbn
 from jaxbn.linen import BatchNorm
-from train import mlp, scanned
 from train.distributed import AXIS
+from train.experiments import mlp, scanned
 
 N, BATCH, FEATURES = 32, 8, 5
 

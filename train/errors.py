@@ -43,7 +43,7 @@ class TrainError(Exception):
 
     #: The process's exit status when this error stops ``python -m train.lenet``.
     exit_code = 1
-    #: What the status means, for ``--help`` and the README.
+    #: What the status means, for ``--help`` and the docs (docs/lenet.md).
     meaning = "the run failed"
 
 

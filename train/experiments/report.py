@@ -22,7 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from train.runner import Result
+from train.experiments.runner import Result
 
 __all__ = [
     "accuracy_cell",

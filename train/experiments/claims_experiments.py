@@ -5,8 +5,9 @@ training less sensitive to the learning rate (:func:`lr_sweep`), makes saturatin
 usable (:func:`sigmoid`) and regularizes (:func:`regularization`); and that it degrades with
 small batches (:func:`batch_size`). Whether BN belongs before or after the activation
 (:func:`bn_position`) is left open. Each experiment trains the seed's LeNet through the shared
-:class:`train.runner.Runner`, with its sizes from :class:`train.protocol.Protocol`, and
-returns ``(title, body, notes, figure)``: a Markdown table, its notes and a plot.
+:class:`train.experiments.runner.Runner`, with its sizes from
+:class:`train.experiments.protocol.Protocol`, and returns ``(title, body, notes, figure)``: a
+Markdown table, its notes and a plot.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from train import report
-from train.protocol import DEVICES, Protocol
-from train.runner import Result, Runner, Spec
+from train.experiments import report
+from train.experiments.protocol import DEVICES, Protocol
+from train.experiments.runner import Result, Runner, Spec
 
 __all__ = ["EXPERIMENTS", "batch_size", "bn_position", "convergence", "lr_sweep",
            "regularization", "sigmoid"]

@@ -4,7 +4,7 @@ The statistics BN normalizes with at test time are its weakest point (Wu & Johns
 "Rethinking 'Batch' in BatchNorm", 2021). These experiments measure, on Fashion-MNIST, what
 the library's PreciseBN (:mod:`jaxbn.precise`) and FrozenBN (``train.lenet
 --freeze-bn-epochs``) change (a third, the BN paper's Fig. 1 with PreciseBN, is
-:mod:`train.fig1_experiment`):
+:mod:`train.experiments.fig1_experiment`):
 
     ema_vs_precise  the seed's LeNet at batch 32 to 2048 for a fixed number of epochs: test
                     accuracy after every epoch with the running averages (momentum 0.9 and
@@ -14,10 +14,10 @@ the library's PreciseBN (:mod:`jaxbn.precise`) and FrozenBN (``train.lenet
                     PreciseBN, BN with the last epoch frozen (FrozenBN), Batch Renorm and
                     synchronized BN
 
-Each returns ``(title, body, notes, figure)`` as the experiments of :mod:`train.experiments`
-do, with its sizes from the shared :class:`train.protocol.Protocol`. Training runs whole
-epochs in one ``lax.scan`` (:mod:`train.scanned`), compiled once per model and batch shape;
-the LeNets use the fast convolution (``conv='fast'``: under ``scan`` on XLA:CPU
+Each returns ``(title, body, notes, figure)`` as the experiments of :mod:`train.experiments` do,
+with its sizes from the shared :class:`train.experiments.protocol.Protocol`. Training runs whole
+epochs in one ``lax.scan`` (:mod:`train.experiments.scanned`), compiled once per model and batch
+shape; the LeNets use the fast convolution (``conv='fast'``: under ``scan`` on XLA:CPU
 ``flax.linen.Conv`` is more than ten times slower). Evaluation and PreciseBN are the training
 program's (:func:`train.steps.evaluate`, :func:`train.population.make_precise_fn`); every
 accuracy is on the protocol's test images.
@@ -36,11 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from train import distributed, population, report, scanned, steps
+from train import distributed, population, steps
 from train.distributed import AXIS
+from train.experiments import report, scanned
+from train.experiments.protocol import Protocol
+from train.experiments.runner import Runner
 from train.model import LeNet
-from train.protocol import Protocol
-from train.runner import Runner
 
 __all__ = ["EXPERIMENTS"]
 
@@ -91,7 +92,8 @@ def _epoch_fn(model: LeNet, mean: float, std: float, *, replicas: int = 1,
 
 
 def _init(model: LeNet, seed: int, image_shape: Sequence[int]) -> _Weights:
-    """The training program's initialization for ``seed`` (as :class:`train.runner.Runner`)."""
+    """The training program's initialization for ``seed`` (as
+    :class:`train.experiments.runner.Runner`)."""
     init_key, _ = jax.random.split(jax.random.key(seed))
     state = steps.create_train_state(model, optax.identity(), init_key, image_shape)
     return _Weights(state.params, state.batch_stats)

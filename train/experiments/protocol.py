@@ -2,7 +2,7 @@
 
 Every experiment takes its sizes (training and test images, steps, batch sizes, learning
 rates, seeds aside) from the same :class:`Protocol`, so that a run two experiments share is
-trained once per process (:class:`train.runner.Runner` caches runs by their spec).
+trained once per process (:class:`train.experiments.runner.Runner` caches runs by their spec).
 :data:`FULL` is the protocol of the documented results; :data:`QUICK` (``--quick``) shrinks
 every size for CI, where the numbers mean nothing.
 

@@ -1,14 +1,14 @@
 """The BN paper's Fig. 1, repeated: ``bn_paper_fig1`` of ``python -m train.experiments``.
 
-Ioffe & Szegedy (2015), Fig. 1: the 784-100-100-100-10 sigmoid MLP (:mod:`train.mlp`, written
-with jaxbn's functional API) trained with and without BN, batch 60, SGD lr 0.5. Measured on
-Fashion-MNIST: the test accuracy against the step without BN, with BN's running averages and
-with PreciseBN (:func:`jaxbn.precise_batch_stats`), and the 15th, 50th and 85th percentiles of
-a last-layer sigmoid's input.
+Ioffe & Szegedy (2015), Fig. 1: the 784-100-100-100-10 sigmoid MLP
+(:mod:`train.experiments.mlp`, written with jaxbn's functional API) trained with and without BN,
+batch 60, SGD lr 0.5. Measured on Fashion-MNIST: the test accuracy against the step without BN,
+with BN's running averages and with PreciseBN (:func:`jaxbn.precise_batch_stats`), and the 15th,
+50th and 85th percentiles of a last-layer sigmoid's input.
 
-Like the other experiments it returns ``(title, body, notes, figure)``, with its sizes from
-the shared :class:`train.protocol.Protocol` (the ``f1_*`` fields). Training runs chunks of
-steps (those between two evaluations) in one ``lax.scan``, compiled once per network (with
+Like the other experiments it returns ``(title, body, notes, figure)``, with its sizes from the
+shared :class:`train.experiments.protocol.Protocol` (the ``f1_*`` fields). Training runs chunks
+of steps (those between two evaluations) in one ``lax.scan``, compiled once per network (with
 and without BN); every accuracy is on the protocol's test images.
 """
 
@@ -27,10 +27,11 @@ import optax
 from jax import lax
 
 import jaxbn
-from train import mlp, population, report, scanned
+from train import population
 from train.data import Dataset
-from train.protocol import Protocol
-from train.runner import Runner
+from train.experiments import mlp, report, scanned
+from train.experiments.protocol import Protocol
+from train.experiments.runner import Runner
 
 __all__ = ["UNIT", "TABLE_STEPS", "bn_paper_fig1"]
 
@@ -219,7 +220,8 @@ def _figure(runs: dict[bool, list[dict[str, Any]]], curves: dict[str, list[list[
 def _notes(ds: Dataset, p: Protocol, num_test: int, seed: int) -> list[str]:
     return [
         f"784-100-100-100-10 MLP, sigmoid hidden units, written with jaxbn's functional API "
-        f"(train/mlp.py); BN on every hidden layer (before the sigmoid), none on the output. "
+        f"(train/experiments/mlp.py); BN on every hidden layer (before the sigmoid), none on the "
+        f"output. "
         f"Plain SGD, learning rate {p.f1_lr:g}, batch {p.f1_batch}, {p.f1_steps} steps over "
         f"the first {p.f1_train_size} training images of {ds.name} (pixels / 255); LeCun-normal "
         f"initialization; BN's running averages with momentum {mlp.MOMENTUM:g}. Test "

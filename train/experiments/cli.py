@@ -4,10 +4,10 @@ Section 6.1.2 of the seed says that BN (1) speeds up convergence, (2) makes trai
 sensitive to the learning rate, (3) makes saturating activations (sigmoid, tanh) usable and
 (4) regularizes; and that (5) it degrades with small batches. Whether BN belongs before or
 after the activation (6) is left open. Each experiment below trains the seed's LeNet
-(:class:`train.model.LeNet`) on Fashion-MNIST with several seeds (:mod:`train.runner`) and
-writes a plot ``<name>.png`` and a Markdown table ``<name>.md`` (mean ± sample standard
-deviation over the seeds; :mod:`train.report`) into ``--out``. Six test those claims
-(:mod:`train.claims_experiments`):
+(:class:`train.model.LeNet`) on Fashion-MNIST with several seeds
+(:mod:`train.experiments.runner`) and writes a plot ``<name>.png`` and a Markdown table
+``<name>.md`` (mean ± sample standard deviation over the seeds; :mod:`train.experiments.report`)
+into ``--out``. Six test those claims (:mod:`train.experiments.claims_experiments`):
 
     convergence     smoothed training loss against the step, BN vs no BN        (claim 1)
     lr_sweep        final test accuracy against the learning rate, BN vs no BN  (claim 2)
@@ -18,8 +18,9 @@ deviation over the seeds; :mod:`train.report`) into ``--out``. Six test those cl
                     BN, next to Ghost BN, its one-device equivalent             (claim 5)
     bn_position     BN before vs after the ReLU, across learning rates          (question 6)
 
-and three on the statistics BN uses at test time (:mod:`train.population_experiments`, and
-:mod:`train.fig1_experiment` for the last):
+and three on the statistics BN uses at test time
+(:mod:`train.experiments.population_experiments`, and :mod:`train.experiments.fig1_experiment`
+for the last):
 
     ema_vs_precise  running averages vs PreciseBN across batch sizes and momenta, and
                     PreciseBN's sample size
@@ -27,14 +28,14 @@ and three on the statistics BN uses at test time (:mod:`train.population_experim
                     synchronized BN
     bn_paper_fig1   the BN paper's Fig. 1: a sigmoid MLP with and without BN (functional API)
 
-The protocol (:data:`train.protocol.FULL`; :data:`train.protocol.QUICK` with ``--quick``) is
-shared so that runs repeat across experiments only once per process: SGD with momentum 0.9, a
-constant learning rate, no weight decay, BN's running-average momentum 0.9 (PyTorch's default
-``momentum=0.1``), the first ``train_size`` training images and the first ``test_size`` test
-images. Evaluation always uses the running statistics (``train=False``), as a deployed model
-does; this is where BN trained on too small batches fails. A run whose training loss becomes
-non-finite stops early and counts as diverged; its accuracy is what the broken network scores
-(chance). The fake CPU devices are created by :func:`main` before JAX starts.
+The protocol (:data:`train.experiments.protocol.FULL`; :data:`train.experiments.protocol.QUICK`
+with ``--quick``) is shared so that runs repeat across experiments only once per process: SGD
+with momentum 0.9, a constant learning rate, no weight decay, BN's running-average momentum 0.9
+(PyTorch's default ``momentum=0.1``), the first ``train_size`` training images and the first
+``test_size`` test images. Evaluation always uses the running statistics (``train=False``), as a
+deployed model does; this is where BN trained on too small batches fails. A run whose training
+loss becomes non-finite stops early and counts as diverged; its accuracy is what the broken
+network scores (chance). The fake CPU devices are created by :func:`main` before JAX starts.
 """
 
 from __future__ import annotations
@@ -48,11 +49,17 @@ from typing import Any
 
 import jax
 
-from train import claims_experiments, data, fig1_experiment, population_experiments, report
+from train import data
 from train.devices import ensure_devices
 from train.errors import TrainError
-from train.protocol import DEVICES, FULL, QUICK
-from train.runner import Runner
+from train.experiments import (
+    claims_experiments,
+    fig1_experiment,
+    population_experiments,
+    report,
+)
+from train.experiments.protocol import DEVICES, FULL, QUICK
+from train.experiments.runner import Runner
 
 __all__ = ["EXPERIMENTS", "main"]
 
@@ -135,6 +142,3 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
           f"({', '.join(f'{n} {t:.0f} s' for n, t in times.items())})", flush=True)
     return times
 
-
-if __name__ == "__main__":
-    main()
