@@ -53,6 +53,24 @@ from jax.custom_derivatives import zero_from_primal
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxbn._autodiff import _live, _train_parts, _TrainConfig
+from jaxbn._checks import (
+    Hyper,
+    _bshape,
+    _check_axis_name,
+    _check_dtype,
+    _check_epsilon,
+    _check_feature_shape,
+    _check_input,
+    _check_mask,
+    _check_params,
+    _reduction_axes,
+    feature_axes,
+    validate,
+)
+from jaxbn._reductions import _sync_sum
+from jaxbn._sharding import _Explicit, _explicit, _join, _vary_like
+from jaxbn._xla_cpu import _fold, _private, _streams, _tile, _wide_view, _widen
 from jaxbn.core import (
     Array,
     ArrayLike,
@@ -62,35 +80,9 @@ from jaxbn.core import (
     BatchStats,
     DTypeLike,
     Groups,
-    Hyper,
     Moments,
-    _bshape,
-    _check_axis_name,
-    _check_dtype,
-    _check_epsilon,
-    _check_feature_shape,
-    _check_input,
-    _check_mask,
-    _check_params,
-    _Explicit,
-    _explicit,
-    _fold,
-    _join,
-    _live,
-    _private,
-    _reduction_axes,
-    _streams,
-    _sync_sum,
-    _tile,
-    _train_parts,
-    _TrainConfig,
-    _vary_like,
-    _wide_view,
-    _widen,
-    feature_axes,
     normalize,
     update_stats,
-    validate,
 )
 
 __all__ = ["ACTIVATIONS", "batch_norm_act", "batch_normalize_act"]
