@@ -520,16 +520,8 @@ def _tangent(cfg: _Config, src: Array, aux: Array | None, centre: Array | None,
         terms.append(t_all * bc(_vary_like(w, src)))
     outside: Array | None = None
     if k1 is not None and out_path:
-        # act'(z) * dev * K = (y - act'(z) * (bias + residual)) * K for a positively
-        # homogeneous activation (act(z) = act'(z) * z): transposed, K's cotangent is then
-        # sum(y * g) - sum((bias + residual) * g'), sums of plain products, and no function
-        # of y alone (which XLA:CPU would compute in the forward pass and keep) is formed.
-        kk = bc(c * k1)
-        outside = sc.astype(sdt) * kk
-        shift = None if centre is None else jnp.broadcast_to(-bc(centre.astype(sdt)) * kk,
-                                                             src.shape)
-        shift = shift if ac is None else (-ac.astype(sdt) * kk if shift is None
-                                          else shift - ac.astype(sdt) * kk)
+        outside, shift = _scale_terms(sc.astype(sdt), ac,
+                                      None if kc is None else bc(kc), bc(c * k1))
         if shift is not None:
             terms.append(shift)
     elif k1 is not None:
@@ -544,6 +536,25 @@ def _tangent(cfg: _Config, src: Array, aux: Array | None, centre: Array | None,
     z_dot = sum(terms[1:], start=terms[0])
     y_dot = _act_tangent(cfg, src, aux, (mean, w, bias), z_dot)
     return y_dot if outside is None else y_dot + outside
+
+
+def _scale_terms(y: Array, r: Array | None, bias: Array | None, kk: Array
+                 ) -> tuple[Array, Array | None]:
+    """The output path's ``xhat * k1`` term, split around the activation's derivative.
+
+    ``bias`` and ``kk`` come broadcast to ``y``'s rank.
+
+    ``act'(z) * dev * K = y * K - act'(z) * (bias + residual) * K`` for a positively
+    homogeneous activation (``act(z) = act'(z) * z``), with ``K = kk`` broadcast. Returns
+    ``(y * K, -(bias + residual) * K)``: the first added after the derivative, the second
+    before it. Transposed, K's cotangent is then ``sum(y * g) - sum((bias + residual) *
+    g')``, sums of plain products: no function of ``y`` alone is formed, which XLA:CPU
+    would compute in the forward pass and keep until the backward pass.
+    """
+    shift = None if bias is None else jnp.broadcast_to(-bias.astype(kk.dtype) * kk, y.shape)
+    if r is not None:
+        shift = -r.astype(kk.dtype) * kk if shift is None else shift - r.astype(kk.dtype) * kk
+    return y * kk, shift
 
 
 def _act_tangent(cfg: _Config, src: Array, aux: Array | None,
