@@ -169,3 +169,23 @@ def test_harness_doctests():
 
     result = doctest.testmod(harness, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_fused_resnet_is_the_jaxbn_resnet():
+    """benchmarks.resnet's 'fused' choice: the same model (variables, first loss) as 'jaxbn'."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 16, 16, 3)), jnp.float32)
+    labels = jnp.arange(4, dtype=jnp.int32)
+    losses, shapes = {}, {}
+    for norm in ("jaxbn", "fused"):
+        model = resnet.flax_resnet("resnet18", norm=norm, dtype=jnp.float32, width=4, blocks=1)
+        step, tx = resnet.make_step(model)
+        v = resnet.init_variables(model, x)
+        shapes[norm] = sorted(a.shape for a in jax.tree.leaves(v["params"]))
+        losses[norm] = float(step(v["params"], v["batch_stats"], tx.init(v["params"]), x,
+                                  labels)[3])
+    assert shapes["fused"] == shapes["jaxbn"]
+    np.testing.assert_allclose(losses["fused"], losses["jaxbn"], rtol=1e-6)
