@@ -1,8 +1,8 @@
 """jaxbn: Batch Normalization for JAX as pure functions over explicit state.
 
-The Flax modules (:mod:`jaxbn.linen`, :mod:`jaxbn.nnx`) and the PyTorch interop
-(:mod:`jaxbn.interop`) are submodules loaded on first use, so ``import jaxbn`` needs
-neither flax nor torch.
+The Flax modules (:mod:`jaxbn.linen`, :mod:`jaxbn.nnx`), the equinox and haiku modules
+(:mod:`jaxbn.equinox`, :mod:`jaxbn.haiku`) and the PyTorch interop (:mod:`jaxbn.interop`)
+are submodules loaded on first use, so ``import jaxbn`` needs none of those frameworks.
 
 Example:
 
@@ -22,6 +22,7 @@ from importlib import metadata as _metadata
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from jaxbn import _serialization  # noqa: F401  (registers the state types with jax.export)
 from jaxbn.core import (
     BatchNormParams,
     BatchStats,
@@ -39,6 +40,8 @@ from jaxbn.precise import precise_batch_stats
 from jaxbn.variants import batch_renorm, ghost_batch_norm
 
 if TYPE_CHECKING:  # pragma: no cover - for type checkers only
+    from jaxbn import equinox as equinox
+    from jaxbn import haiku as haiku
     from jaxbn import interop as interop
     from jaxbn import linen as linen
     from jaxbn import nnx as nnx
@@ -65,11 +68,12 @@ __all__ = [
     "update_stats",
 ]
 
-_LAZY = ("interop", "linen", "nnx")
+_LAZY = ("equinox", "haiku", "interop", "linen", "nnx")
 
 
 def __getattr__(name: str) -> ModuleType:
-    """Imports the submodules ``linen``, ``nnx`` (need flax) and ``interop`` on first use."""
+    """Imports the framework submodules (``linen``, ``nnx``, ``equinox``, ``haiku``) and
+    ``interop`` on first use."""
     if name in _LAZY:
         return importlib.import_module(f"jaxbn.{name}")
     raise AttributeError(f"module 'jaxbn' has no attribute {name!r}")

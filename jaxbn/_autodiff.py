@@ -121,8 +121,10 @@ def _train_normalize_jvp(
     w = parts.inv if parts.mul is None else parts.inv * parts.mul
     wn = w / jnp.maximum(parts.moments.count, 1)
     # Recomputed from x and per-feature vectors when JAX transposes it, so reverse mode
-    # keeps no full-size residual but x itself (x - mean, xhat are never saved).
-    tangent = jax.checkpoint(functools.partial(_train_tangent, cfg))
+    # keeps no full-size residual but x itself (x - mean, xhat are never saved). Without
+    # prevent_cse's optimization barrier, which no program lowered for a GPU or TPU should
+    # carry: XLA:CPU compiled the same fusions either way.
+    tangent = jax.checkpoint(functools.partial(_train_tangent, cfg), prevent_cse=False)
     y_dot = tangent(x, parts.moments.mean, parts.inv, w, (wn, wn * parts.inv), mask,
                     x_dot, k1, k0)
     return out, (y_dot, m_dot)
@@ -166,6 +168,10 @@ def _train_tangent(cfg: _TrainConfig, x: Array, mean: Array, inv: Array, w: Arra
         # Centred, not standardized: inv multiplies the per-feature sums instead, so that
         # each full-size pass (here and transposed) reads x and one per-feature vector.
         dev_b = xb.astype(sdt) - bc(mb)
+        if mask is not None:
+            # Transposed, prod's cotangent is zero where masked, times dev_b: a NaN or Inf
+            # there (padding) would turn 0 into NaN. Where-ing dev_b keeps it out.
+            dev_b = jnp.where(mask, dev_b, jnp.zeros((), dev_b.dtype))
         prod = jnp.conj(dev_b) * t if jnp.iscomplexobj(dev_b) else dev_b * t
         prod = prod.real if jnp.iscomplexobj(prod) else prod
         if mask is not None:
@@ -183,7 +189,13 @@ def _train_tangent(cfg: _TrainConfig, x: Array, mean: Array, inv: Array, w: Arra
     if t_all is not None:
         terms.append(t_all * bc(_vary_like(w, x)))
     if k1 is not None:
-        terms.append((xc.astype(sdt) - bc(mc)) * bc(inv * k1))
+        dev_c = xc.astype(sdt) - bc(mc)
+        if mask is not None:
+            # Transposed, k1's cotangent sums g * xhat over every element, masked ones too
+            # (their outputs are normalized as well). Non-finite padding would make that sum
+            # NaN even where the loss drops those outputs (g = 0): it contributes nothing.
+            dev_c = jnp.where(mask | jnp.isfinite(dev_c), dev_c, jnp.zeros((), dev_c.dtype))
+        terms.append(dev_c * bc(inv * k1))
     if k0 is not None:
         terms.append(jnp.broadcast_to(bc(k0), x.shape))
     if len(terms) > 1 and _private_terms(x):

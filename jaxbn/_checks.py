@@ -114,6 +114,11 @@ def _bshape(ndim: int, feats: tuple[int, ...], shape: Sequence[int]) -> Shape:
     return tuple(out)
 
 
+def _is_static(shape: Sequence[Any]) -> bool:
+    """Whether every dimension is a known int (not symbolic, as in ``jax.export``)."""
+    return all(isinstance(d, int | np.integer) for d in shape)
+
+
 def _per_feature(shape: Shape, feats: tuple[int, ...]) -> int:
     return math.prod(shape[a] for a in _reduction_axes(len(shape), feats))
 
@@ -127,6 +132,11 @@ def _is_inexact(dtype: Any) -> bool:
 
 
 def _check_input(x: Array) -> None:
+    if x.ndim == 0:
+        raise ValueError(
+            "expected an input of rank >= 1 (a batch with a feature axis), got a scalar "
+            "(shape ()); add the batch and feature axes, e.g. x.reshape(1, 1)."
+        )
     if not _is_inexact(x.dtype):
         raise ValueError(
             f"batch_norm expects a floating-point (or complex) input, got dtype {x.dtype}; "
@@ -240,6 +250,19 @@ def _check_dtype(dtype: DTypeLike | None, x_dtype: Any) -> None:
 
 def _stats_dtype(dtype: DTypeLike) -> np.dtype[Any]:
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def _as_stats_dtype(mean: ArrayLike, var: ArrayLike, x_dtype: Any) -> tuple[Array, Array]:
+    """Running statistics in their own dtype, at least float32 and at least ``x``'s.
+
+    Statistics built from Python floats (``jnp.full((C,), 0.5)``) are weakly typed, and
+    would otherwise take a half-precision input's dtype in the arithmetic: a mean of 1000.3
+    becomes 1000 in bfloat16.
+    """
+    mean, var = jnp.asarray(mean), jnp.asarray(var)
+    sdt = _stats_dtype(x_dtype)
+    return (mean.astype(jnp.promote_types(mean.dtype, sdt)),
+            var.astype(jnp.promote_types(var.dtype, _real_dtype(sdt))))
 
 
 def _real_dtype(dtype: np.dtype[Any]) -> np.dtype[Any]:
@@ -408,7 +431,10 @@ def validate(
         _check_feature_shape("stats.var", stats.var, fshape, axis)
     mask = None if mask is None else jnp.asarray(mask)
     _check_mask(mask, x.shape)
-    if use_batch and axis_name is None and _per_feature(x.shape, feats) <= 1:
+    # With a symbolic batch dimension (jax.export) the count is unknown until the call;
+    # there, as in the Flax modules, one value per feature gives variance 0.
+    if (use_batch and axis_name is None and _is_static(x.shape)
+            and _per_feature(x.shape, feats) <= 1):
         raise ValueError(
             f"expected more than 1 value per feature when using batch statistics, got input "
             f"shape {x.shape} with features along axis {axis!r}; use a larger batch, or "

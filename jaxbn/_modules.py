@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn import core, fused, variants
+from jaxbn import _checks, core, fused, variants
 
-__all__ = ["Options", "apply", "apply_act", "count_missing", "params"]
+__all__ = ["Options", "apply", "apply_act", "count_missing", "params", "synced_moments"]
 
 
 class Options(Protocol):
@@ -95,6 +95,69 @@ def count_missing(where: str, fix: str) -> ValueError:
         f"{where} (an int32 scalar), got none; {fix} with n the number of batches already "
         f"averaged, or use a float momentum."
     )
+
+
+def synced_moments(
+    x: jax.Array,
+    *,
+    axis: core.Axis,
+    axis_name: core.AxisName | None,
+    axis_index_groups: Any = None,
+) -> core.Moments:
+    """:func:`jaxbn.moments` of equal-sized members of ``axis_name``, cheap under ``vmap``.
+
+    Every member holds an input of the same shape (no mask), so each holds the same count
+    ``n`` and the exact merge of the members' moments (Chan et al.'s rule, as in
+    :func:`jaxbn.moments`) is two sums: ``mean = sum_i mean_i / k`` and
+    ``M2 = sum_i (n var_i + n |mean_i - mean|^2)`` over the ``k`` members. The
+    one-collective gather of :func:`jaxbn.moments` holds one slot per member on every
+    member, which under ``vmap`` (equinox's per-example layers, haiku's
+    ``cross_replica_axis`` under ``vmap``) is ``batch**2`` times the statistics; these sums
+    hold one. Differentiable (plain autodiff).
+
+    Args:
+      x: the local input.
+      axis: feature axis or axes.
+      axis_name: the mapped axis (or tuple of axes) to merge over, or ``None``.
+      axis_index_groups: groups of ``axis_name`` that merge separately (``pmap`` only).
+
+    Returns:
+      The merged :class:`jaxbn.Moments`, equal on every member.
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp
+    >>> x = jnp.array([[1.0], [3.0], [8.0]])
+    >>> m = jax.vmap(lambda e: synced_moments(e, axis=0, axis_name="b"),
+    ...              axis_name="b", out_axes=None)(x)
+    >>> m.mean, m.var, m.count
+    (Array([4.], dtype=float32), Array([8.666667], dtype=float32), Array([3.], dtype=float32))
+    """
+    if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype.itemsize < 4:
+        # Widened here, explicitly, so that strict dtype promotion accepts half precision
+        # (XLA fuses the conversion into the reductions).
+        x = x.astype(jnp.float32)
+    local = core.moments(x, axis=axis)
+    if axis_name is None:
+        return local
+    groups = _checks._check_axis_name(axis_name, axis_index_groups)
+    k = len(groups[0]) if groups is not None else lax.axis_size(axis_name)
+
+    def psum(v: jax.Array) -> jax.Array:
+        if groups is not None or not isinstance(axis_name, tuple):
+            summed: jax.Array = lax.psum(v, axis_name, axis_index_groups=groups)
+            return summed
+        # One name at a time: one psum over a shard_map axis and a vmap axis together
+        # fails jax's varying-axes check (vmap nested in shard_map, equinox's pattern).
+        for name in axis_name:
+            v = lax.psum(v, name)
+        return v
+
+    mean = psum(local.mean) / k
+    dev = local.mean - mean
+    total = local.count * k
+    m2 = psum(local.count * (local.var + jnp.real(dev * jnp.conj(dev))))
+    return core.Moments(mean, m2 / jnp.maximum(total, 1), total)
 
 
 def _one_value_per_feature(x: jax.Array, axis: core.Axis) -> bool:

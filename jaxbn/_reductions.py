@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxbn._checks import _real_dtype, _reduction_axes, _stats_dtype
-from jaxbn._xla_cpu import _fold, _private, _streams, _tile
+from jaxbn._checks import _is_static, _real_dtype, _reduction_axes, _stats_dtype
+from jaxbn._xla_cpu import _fold, _private, _streams, _sums_fold, _tile, _wide_view
 from jaxbn.core import Array, AxisName, Moments
 
 # The shift is the mean of at least this many values per feature (if present) and of at
@@ -69,11 +69,18 @@ def _local_sums(
     fshape = tuple(s for a, s in enumerate(x.shape) if a not in red)
     if fold > 1:
         fshape = (fshape[-1] // fold,)
+    if mask is None and red and not _is_static(x.shape):
+        # A symbolic batch may be empty, and its size decides the shift's slice: the masked
+        # sums (exact mean first, then deviations) need neither.
+        mask = jnp.ones((1,) * x.ndim, bool)
     if mask is not None:
         mask = jnp.broadcast_to(mask, x.shape) if not red else mask
-    if not red or math.prod(x.shape[a] for a in red) == 0:
+    if not red or (_is_static(x.shape) and math.prod(x.shape[a] for a in red) == 0):
         return _trivial_sums(x, red, mask, fast_variance, fshape)
     if mask is None:
+        k = _sums_fold(x, red, fold)
+        if k > 1:
+            return _local_sums(_wide_view(x, k), (0, 1), None, fast_variance, k)
         n = jnp.full(fshape, math.prod(x.shape[a] for a in red) * fold, rdt)
         if fast_variance:
             xa, xb = _private(x, x, stream=_streams(x))

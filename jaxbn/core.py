@@ -22,9 +22,12 @@ Numerical decisions, in one place:
   half-precision input, each reduction reads the input straight from its buffer and,
   without a mask, no full-size temporary is materialized in the forward or the backward
   pass: an optimization barrier gives each reduction its own copy of its operands
-  (``jaxbn._xla_cpu._private`` explains why). Half-precision channels-last inputs whose
+  (``jaxbn._xla_cpu._private`` explains why), in programs lowered for the CPU only (a
+  program lowered for a GPU or TPU holds none). Half-precision channels-last inputs whose
   feature count is not a multiple of 16 are processed as a wider view that lays several
-  rows side by side (``_widen``); float32 keeps its layout and its summation order.
+  rows side by side (``_widen``); float32 keeps its layout, but for inputs of 512 KiB to
+  2 MiB the statistics' sums take the same view (``_sums_fold``; float rounding apart,
+  the same statistics).
 * Derivatives (:func:`batch_normalize`): a ``jax.custom_jvp`` whose tangent is linear in
   the input tangents and needs only ``x`` and per-feature vectors, and is recomputed from
   them (``jax.checkpoint``) when JAX transposes it for reverse mode. So forward mode
@@ -54,6 +57,7 @@ from typing import Any, NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 Array: TypeAlias = jax.Array
@@ -80,10 +84,10 @@ class BatchNormParams(NamedTuple):
 class BatchStats(NamedTuple):
     """Running statistics used at inference time."""
 
-    mean: Array  # feature_shape, float32 (complex64 once updated with complex inputs); 0
-    var: Array  # feature_shape, float32; initialized to 1
+    mean: Array  # feature_shape, float32 or wider, as var (complex once updated so); 0
+    var: Array  # feature_shape, float32 (or param_dtype if wider); initialized to 1
     # count shadows tuple.count (a method); the public name says what the field holds.
-    count: Array  # type: ignore[assignment]  # (), int32; updates so far (num_batches_tracked)
+    count: Array  # type: ignore[assignment]  # (), int32; updates so far, saturating at 2**31-1
 
 
 class Moments(NamedTuple):
@@ -117,6 +121,7 @@ class Validated(NamedTuple):
 from jaxbn._autodiff import _train_normalize, _TrainConfig  # noqa: E402
 from jaxbn._checks import (  # noqa: E402
     _as_shape,
+    _as_stats_dtype,
     _bshape,
     _check_axis_name,
     _check_dtype,
@@ -155,7 +160,9 @@ def init(
         :func:`batch_norm`).
       affine: whether the layer has a learnable ``scale`` and ``bias``.
       track_running_stats: whether the layer keeps running statistics for inference.
-      param_dtype: dtype of ``scale`` and ``bias``. Statistics are always float32.
+      param_dtype: dtype of ``scale`` and ``bias``. The statistics are float32, or
+        ``param_dtype`` where that is wider (float64 under ``jax_enable_x64``): at least as
+        wide as the parameters, so that inference at float64 is not held to float32.
 
     Returns:
       ``(params, stats)``: a :class:`BatchNormParams` (scale 1, bias 0) or ``None``, and a
@@ -181,10 +188,9 @@ def init(
         if affine
         else None
     )
+    sdt = jnp.promote_types(param_dtype, jnp.float32)
     stats = (
-        BatchStats(
-            jnp.zeros(shape, jnp.float32), jnp.ones(shape, jnp.float32), jnp.zeros((), jnp.int32)
-        )
+        BatchStats(jnp.zeros(shape, sdt), jnp.ones(shape, sdt), jnp.zeros((), jnp.int32))
         if track_running_stats
         else None
     )
@@ -271,9 +277,11 @@ def normalize(
     """Applies ``y = (x - mean) * rsqrt(var + epsilon) * scale + bias`` per feature.
 
     Given statistics are constants here (plain autodiff); for a batch's own statistics,
-    differentiated through, use :func:`batch_normalize`. The arithmetic runs in the
-    promoted dtype of ``x`` and the statistics (float32 for half-precision inputs); the
-    result is cast to ``dtype`` or else ``x.dtype``.
+    differentiated through, use :func:`batch_normalize`. The statistics are taken in their
+    own dtype, at least float32 and at least ``x``'s (weakly typed ones, built from Python
+    floats, included), and the arithmetic runs in the promoted dtype of ``x`` and the
+    statistics (float32 for half-precision inputs); the result is cast to ``dtype`` or else
+    ``x.dtype``.
 
     Args:
       x: input.
@@ -306,7 +314,7 @@ def normalize(
     feats = feature_axes(x.ndim, axis)
     fshape = tuple(x.shape[a] for a in feats)
     bshape = _bshape(x.ndim, feats, fshape)
-    mean, var = jnp.asarray(mean), jnp.asarray(var)
+    mean, var = _as_stats_dtype(mean, var, x.dtype)
     _check_feature_shape("mean", mean, fshape, axis)
     _check_feature_shape("var", var, fshape, axis)
     mul = lax.rsqrt(var + eps)
@@ -355,7 +363,8 @@ def update_stats(
     ``unbiased_running_var`` the batch variance is scaled by ``n / (n - 1)`` (``n`` the
     global valid count per feature, :func:`unbiased`) before it enters the average, as
     PyTorch does. Features with no valid element keep their statistics; ``count`` grows by
-    one unless no feature had any valid element. The result is differentiable; the layers
+    one unless no feature had any valid element, and stays at its dtype's maximum once
+    there (it does not wrap around). The result is differentiable; the layers
     (:func:`batch_norm` and the variants) stop its gradient.
 
     Args:
@@ -382,6 +391,9 @@ def update_stats(
     >>> s.mean, s.var, s.count
     (Array([0.2], dtype=float32), Array([1.3], dtype=float32), Array(1, dtype=int32))
     """
+    if stats is None:
+        raise TypeError("stats must be a BatchStats, got NoneType; build it with "
+                        "BatchStats(mean, var, count) or jaxbn.init.")
     _check_stats(stats)
     if not isinstance(batch, Moments):
         raise TypeError(f"batch must be the Moments of a batch, got {type(batch).__name__}.")
@@ -395,7 +407,9 @@ def update_stats(
     if jnp.iscomplexobj(batch.mean) and not jnp.issubdtype(mean_dtype, jnp.complexfloating):
         mean_dtype = jnp.promote_types(mean_dtype, jnp.complex64)
     if decay is None:
-        w = 1.0 / (stats.count + 1).astype(jnp.result_type(stats.var))
+        # In the statistics' dtype before adding 1: at the integer maximum, count + 1
+        # would wrap to a negative weight.
+        w = 1.0 / (jnp.asarray(stats.count).astype(jnp.result_type(stats.var)) + 1)
         new_mean = (1 - w) * stats.mean + w * batch.mean
         new_var = (1 - w) * stats.var + w * batch.var
     else:
@@ -404,8 +418,21 @@ def update_stats(
     return BatchStats(
         jnp.where(valid, new_mean, stats.mean).astype(mean_dtype),
         jnp.where(valid, new_var, stats.var).astype(jnp.result_type(stats.var)),
-        stats.count + jnp.any(valid).astype(jnp.result_type(stats.count)),
+        _count_up(stats.count, jnp.any(valid)),
     )
+
+
+def _count_up(count: ArrayLike, grew: Array) -> Array:
+    """``count + 1`` where ``grew``, saturating at the integer dtype's maximum.
+
+    A count carried over from a long-running model (``from_torch`` accepts PyTorch's int64
+    ``num_batches_tracked`` up to int32's maximum) must not wrap to a negative number; at
+    the maximum, the cumulative average's weight of a new batch is ``1 / 2**31`` anyway.
+    """
+    count = jnp.asarray(count)
+    room = count < np.iinfo(count.dtype).max
+    new: Array = count + (grew & room).astype(count.dtype)
+    return new
 
 
 def fold(
@@ -610,7 +637,8 @@ def batch_norm(
         partition of the axis into groups of equal size.
       mask: optional boolean array broadcastable to ``x``; ``False`` elements take no part in
         the statistics (they are still normalized). A feature with no valid element
-        outputs ``bias`` and keeps its running statistics.
+        outputs ``bias`` and keeps its running statistics. NaN or Inf in masked elements
+        (padding) does not reach the gradients of the valid ones, ``scale`` or ``bias``.
       fast_variance: use flax's one-pass ``E[x^2] - E[x]^2``, which loses all precision when
         ``|mean| >> std``; the default two-pass variance is accurate at the same number of
         collectives.
@@ -630,7 +658,9 @@ def batch_norm(
         ``momentum`` outside [0, 1], ``epsilon`` not > 0 in float32, an unbound
         ``axis_name``, ``axis_index_groups`` that do not partition it, or training with a
         single value per feature and no ``axis_name`` (PyTorch's "Expected more than 1
-        value per channel"; the Flax modules accept it, as flax does).
+        value per channel"; the Flax modules accept it, as flax does). A symbolic batch
+        dimension (``jax.export``) is not checked: one value per feature then gives
+        variance 0.
 
     Hyperparameters (``momentum``, ``epsilon``) may be traced, e.g. ``jit`` arguments that
     sweep them without recompiling: a traced value has no value at trace time, so it is

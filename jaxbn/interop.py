@@ -319,6 +319,8 @@ def torch_kwargs(momentum: float | None = 0.1, eps: float = 1e-5) -> dict[str, A
       'epsilon': eps}``.
 
     Raises:
+      TypeError: if ``momentum`` or ``eps`` is not a real number (a string, a bool, an
+        array that is not a concrete scalar).
       ValueError: if ``momentum`` is outside [0, 1] or ``eps <= 0``.
 
     Example:
@@ -328,20 +330,35 @@ def torch_kwargs(momentum: float | None = 0.1, eps: float = 1e-5) -> dict[str, A
     >>> torch_kwargs(None, eps=1e-3)['momentum'] is None
     True
     """
-    if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
+    m = None if momentum is None else _real_number("momentum", momentum)
+    if m is not None and not 0.0 <= m <= 1.0:
         raise ValueError(
             f"momentum: expected PyTorch's momentum in [0, 1] or None, got {momentum!r}."
         )
-    if not float(eps) > 0.0:
+    e = _real_number("eps", eps)
+    if not e > 0.0:
         raise ValueError(f"eps: expected a value > 0, got {eps!r}.")
     return {
         "axis": 1,
         # Rounded so that 0.1 gives 0.9, not 0.9000000000000000222; the float32 maths of
         # the update cannot tell the difference.
-        "momentum": None if momentum is None else round(1.0 - float(momentum), 15),
+        "momentum": None if m is None else round(1.0 - m, 15),
         "unbiased_running_var": True,
-        "epsilon": float(eps),
+        "epsilon": e,
     }
+
+
+def _real_number(name: str, value: Any) -> float:
+    """``value`` as a float if it is a real number (or a concrete real scalar array)."""
+    if isinstance(value, np.ndarray | np.generic | jax.Array) and not isinstance(
+        value, np.bool_ | Tracer
+    ) and np.shape(value) == () and (np.issubdtype(value.dtype, np.floating)
+                                     or np.issubdtype(value.dtype, np.integer)):
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name}: expected a real number, got {type(value).__name__} "
+                        f"{value!r}; pass e.g. a Python float.")
+    return float(value)
 
 
 # ----------------------------------------------------------------------------------------

@@ -470,16 +470,29 @@ class _Functional(_Collector):
             ) from e
         result: list[tuple[Moments, ...]] = []
         for i, m in enumerate(per_layer):
-            ms = (m,) if isinstance(m, Moments) else () if m is None else tuple(m)
+            ms = (m,) if isinstance(m, Moments) else () if m is None else \
+                tuple(m) if isinstance(m, tuple | list) else (m,)
             if not all(isinstance(x, Moments) for x in ms):
                 raise ValueError(
-                    f"moments_fn must return Moments for every BatchStats of stats; layer {i} "
-                    f"got {[type(x).__name__ for x in ms]}."
+                    f"moments_fn must return Moments for every BatchStats of stats (e.g. "
+                    f"jaxbn.moments(x), or a tuple of them); layer {i} got {_describe_value(m)}."
                 )
             if self.axis_name is not None:
                 ms = tuple(_merge_if_per_device(x, self.axis_name) for x in ms)
             result.append(ms)
         return result, None
+
+
+def _describe_value(v: Any) -> str:
+    """What a value is, in a few words: its type, or shape and dtype for an array."""
+    if isinstance(v, Moments):
+        return "Moments"
+    if hasattr(v, "shape") and hasattr(v, "dtype"):
+        return f"an array of shape {tuple(v.shape)} and dtype {v.dtype}"
+    if isinstance(v, tuple | list):
+        items = ", ".join(_describe_value(x) for x in v[:3]) + (", ..." if len(v) > 3 else "")
+        return f"a {type(v).__name__} of {len(v)} ({items})"
+    return type(v).__name__
 
 
 def _merge_if_per_device(m: Moments, axis_name: AxisName) -> Moments:

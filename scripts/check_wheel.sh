@@ -8,7 +8,8 @@
 # resolving anew; torch comes from the [torch] extra's pin.
 #
 # WHEEL_PYTHON (default: the interpreter .venv was made from) and WHEEL_EXTRAS (default
-# flax,torch) choose the fresh environment, e.g. WHEEL_PYTHON=python3.12 WHEEL_EXTRAS=flax.
+# flax,torch,equinox,haiku) choose the fresh environment, e.g. WHEEL_PYTHON=python3.12
+# WHEEL_EXTRAS=flax,equinox,haiku.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$PWD
@@ -41,7 +42,7 @@ EOF
 
 step "fresh virtual environment, the wheel without extras"
 base=${WHEEL_PYTHON:-$("$dev" -c 'import sys; print(sys._base_executable)')}
-extras=${WHEEL_EXTRAS-flax,torch}
+extras=${WHEEL_EXTRAS-flax,torch,equinox,haiku}
 "$base" -m venv "$work/venv"
 py=$work/venv/bin/python
 "$dev" -m pip freeze --exclude-editable | grep -v '^jaxbn' >"$work/constraints.txt"
@@ -58,8 +59,9 @@ import jax.numpy as jnp
 import jaxbn
 y, _ = jaxbn.batch_norm(jnp.arange(6.0).reshape(3, 2), *jaxbn.init(2), training=True)
 assert jnp.allclose(y.mean(0), 0, atol=1e-6), y
-missing = [m for m in ("flax", "torch") if importlib.util.find_spec(m) is not None]
-assert not missing, f"expected no flax or torch in this environment, found {missing}"
+missing = [m for m in ("flax", "torch", "equinox", "haiku")
+           if importlib.util.find_spec(m) is not None]
+assert not missing, f"expected no framework in this environment, found {missing}"
 print(f"import jaxbn {jaxbn.__version__} (Python {platform.python_version()}) "
       "without flax or torch: ok")
 EOF

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Creates .venv and installs jaxbn (editable) with the extras for training, tests, PyTorch
-# interop, the documentation and the type check.
+# interop, the equinox and haiku modules, the documentation and the type check.
 # Idempotent: reinstalls only when pyproject.toml changed since the last install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +18,6 @@ fi
 stamp=.venv/.jaxbn-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[train,test,torch,docs,typecheck]"
+  .venv/bin/python -m pip install -q -e ".[train,test,torch,equinox,haiku,docs,typecheck]"
   touch "$stamp"
 fi

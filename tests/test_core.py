@@ -256,6 +256,47 @@ def test_few_channels_last_features_match_reference(dtype, shape):
     np.testing.assert_allclose(np.asarray(dx, np.float64), rdx, rtol=tol, atol=tol)
 
 
+@pytest.mark.parametrize("fast_variance", [False, True])
+def test_float32_statistics_over_the_wide_view_match_reference(fast_variance):
+    """A cache-resident float32 input whose statistics' sums run over the widened view.
+
+    9216 values per feature: float32 sums of that many terms stay within 1e-5 relative of
+    the float64 reference (their rounding error grows with the log of the count, ~1e-6
+    here). The two-pass variance keeps that accuracy with the mean 200 standard deviations
+    from zero; the fast formula is tested on centred data, where it has no cancellation.
+    """
+    shape = (64, 12, 12, 20)  # 720 KiB: in the band of _sums_fold
+    assert jaxbn._xla_cpu._sums_fold(jnp.zeros(shape), (0, 1, 2), 1) > 1
+    r = _rng(7)
+    x = jnp.asarray(r.normal(0.0 if fast_variance else 600.0, 3.0, shape), jnp.float32)
+    g = jnp.asarray(r.normal(size=shape), jnp.float32)
+    params = _params(20)
+    stats = jaxbn.BatchStats(jnp.zeros(20), jnp.ones(20), jnp.array(0))
+
+    @jax.jit
+    def run(x, p, g):
+        def fn(x, p):
+            return jaxbn.batch_norm(x, p, stats, training=True, momentum=0.0,
+                                    fast_variance=fast_variance)
+
+        (y, new), vjp = jax.vjp(fn, x, p)
+        return y, new, vjp((g, jax.tree.map(jnp.zeros_like, new)._replace(
+            count=np.zeros((), jax.dtypes.float0))))
+
+    y, new, (dx, dp) = run(x, params, g)
+    xd, gd = np.asarray(x, np.float64), np.asarray(g, np.float64)
+    y_ref, (mean, var, _) = ref.train_forward(xd, params.scale, params.bias)
+    rdx, rds, rdb = ref.train_backward(xd, params.scale, gd)
+    np.testing.assert_allclose(new.mean, mean, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(new.var, var, rtol=1e-5)
+    # y and dx: the float32 mean of values near 600 is off by ~eps * 600 = 4e-5, which the
+    # division by std = 3 leaves at ~1e-5 in y; 1e-4 bounds it with room.
+    np.testing.assert_allclose(np.asarray(y, np.float64), y_ref, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dx, np.float64), rdx, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(dp.bias, rdb, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(dp.scale, rds, rtol=1e-4, atol=1e-3)  # cancelling sums
+
+
 # ----------------------------------------------------------------------------------------
 # Gradients.
 

@@ -7,6 +7,7 @@ traced hyperparameter — it is accepted, and that is pinned here too.)
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from functools import partial
@@ -193,12 +194,68 @@ def test_fully_masked_feature_outputs_bias():
 
 
 def test_submodules_are_lazy_attributes():
-    """jaxbn.linen / .nnx / .interop work after `import jaxbn`, which imports no flax/torch."""
-    code = ("import sys, jaxbn; assert 'flax' not in sys.modules and 'torch' not in sys.modules;"
-            "jaxbn.linen.BatchNorm, jaxbn.nnx.BatchNorm, jaxbn.interop.from_torch;"
-            "assert 'torch' not in sys.modules\n"
+    """jaxbn.linen / .nnx / .equinox / .haiku / .interop work after `import jaxbn`, which
+    imports none of flax, equinox, haiku or torch."""
+    code = ("import sys, jaxbn; assert not {'flax', 'torch', 'equinox', 'haiku'} & set("
+            "sys.modules); jaxbn.linen.BatchNorm, jaxbn.nnx.BatchNorm, jaxbn.interop.from_torch;"
+            "assert 'torch' not in sys.modules and 'haiku' not in sys.modules;"
+            "jaxbn.equinox.BatchNorm, jaxbn.haiku.BatchNorm\n"
             "try:\n jaxbn.linnen\nexcept AttributeError as e:\n assert 'linnen' in str(e)\n"
             "else:\n raise SystemExit('no AttributeError')")
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.path.dirname(os.path.dirname(jaxbn.__file__))}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+# ----------------------------------------------------------------------------------------
+# Interop and PreciseBN arguments.
+
+
+@pytest.mark.parametrize("kwargs, got", [
+    ({"momentum": "0.1"}, "momentum: expected a real number, got str '0.1'"),
+    ({"eps": "1e-5"}, "eps: expected a real number, got str '1e-5'"),
+    ({"momentum": True}, "momentum: expected a real number, got bool True"),
+    ({"eps": np.ones(2)}, "eps: expected a real number, got ndarray"),
+])
+def test_torch_kwargs_of_the_wrong_type(kwargs, got):
+    """A string is not converted behind the user's back (a NumPy scalar is a number)."""
+    from jaxbn import interop
+
+    with pytest.raises(TypeError, match=re.escape(got)):
+        interop.torch_kwargs(**kwargs)
+    assert interop.torch_kwargs(np.float64(0.25), eps=np.float32(0.5)) == {
+        "axis": 1, "momentum": 0.75, "unbiased_running_var": True, "epsilon": 0.5}
+
+
+@pytest.mark.parametrize("moments_fn, got", [
+    (lambda x: jnp.mean(x, axis=0), "an array of shape (20,) and dtype float32"),
+    (lambda x: (jnp.mean(x, axis=0), jnp.var(x, axis=0)),
+     "a tuple of 2 (an array of shape (20,) and dtype float32, an array of shape (20,) and "
+     "dtype float32)"),
+])
+def test_precise_moments_fn_returning_arrays(moments_fn, got):
+    """The message names what came back (not one tracer type name per feature)."""
+    stats = jaxbn.init(20)[1]
+    with pytest.raises(ValueError) as exc:
+        jaxbn.precise_batch_stats(moments_fn, stats, [jnp.ones((4, 20))])
+    message = str(exc.value)
+    assert message == ("moments_fn must return Moments for every BatchStats of stats (e.g. "
+                       f"jaxbn.moments(x), or a tuple of them); layer 0 got {got}.")
+    assert "Tracer" not in message
+
+
+def test_update_stats_without_statistics():
+    with pytest.raises(TypeError, match=r"stats must be a BatchStats, got NoneType; build it "
+                                        r"with BatchStats\(mean, var, count\) or jaxbn.init"):
+        jaxbn.update_stats(None, jaxbn.moments(X))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda x: train(x, None, None),
+    lambda x: jaxbn.moments(x),
+    lambda x: jaxbn.normalize(x, 0.0, 1.0),
+])
+def test_a_scalar_input(fn):
+    with pytest.raises(ValueError, match=r"expected an input of rank >= 1 \(a batch with a "
+                                         r"feature axis\), got a scalar \(shape \(\)\)"):
+        fn(jnp.float32(1.0))

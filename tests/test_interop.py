@@ -462,24 +462,29 @@ def test_export_folded_matches_unfolded(images, lenet_variables, kwargs, negativ
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_export_command_line(tmp_path, images, lenet_variables, capsys):
-    """A checkpoint laid out as ``python -m train.lenet`` writes it, exported and reloaded."""
-    import json
-
+def _write_lenet_checkpoints(workdir, variables, steps=(3, 7)):
+    """Checkpoints laid out as ``python -m train.lenet`` writes them (norm jaxbn, before_relu)."""
     import orbax.checkpoint as ocp
-
-    from train import data, export
-    from train.model import LeNet
 
     config = {"dataset": "fashion_mnist", "norm": "jaxbn", "bn_position": "before_relu",
               "activation": "relu", "bn_momentum": 0.9, "conv": "flax", "lr": 0.05}
-    with ocp.CheckpointManager(tmp_path / "run" / "checkpoints") as manager:
-        for step in (3, 7):
-            state = {"step": step, **lenet_variables, "opt_state": {"mu": np.zeros(3)}}
+    with ocp.CheckpointManager(workdir / "checkpoints") as manager:
+        for step in steps:
+            state = {"step": step, **variables, "opt_state": {"mu": np.zeros(3)}}
             manager.save(step, args=ocp.args.Composite(
                 state=ocp.args.StandardSave({"state": state, "rng": np.zeros(2, np.uint32)}),
                 meta=ocp.args.JsonSave({"step": step, "config": config})))
         manager.wait_until_finished()
+
+
+def test_export_command_line(tmp_path, images, lenet_variables, capsys):
+    """A checkpoint laid out as ``python -m train.lenet`` writes it, exported and reloaded."""
+    import json
+
+    from train import data, export
+    from train.model import LeNet
+
+    _write_lenet_checkpoints(tmp_path / "run", lenet_variables)
     out = tmp_path / "export" / "lenet.npz"
     assert export.main(["--workdir", str(tmp_path / "run"), "--out", str(out)]) == 0
     assert "step 7: wrote" in capsys.readouterr().out
@@ -499,3 +504,85 @@ def test_export_command_line(tmp_path, images, lenet_variables, capsys):
 
     assert export.main(["--workdir", str(tmp_path / "nowhere"), "--out", str(out)]) == 1
     assert "expected orbax checkpoints in" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def lenet_run(tmp_path_factory, lenet_variables):
+    workdir = tmp_path_factory.mktemp("lenet-run")
+    _write_lenet_checkpoints(workdir, lenet_variables)
+    return workdir
+
+
+def _one_error_line(err):
+    assert "Traceback" not in err, err
+    (line,) = err.strip().splitlines()
+    assert line.startswith("error: "), err
+    return line
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--norm", "none"], "--norm none: the checkpoint's network has norm='jaxbn'"),
+    (["--bn-position", "after_relu"],
+     "--bn-position after_relu: the checkpoint's network has bn_position='before_relu'"),
+    (["--activation", "tanh"], "--activation tanh: the checkpoint's network has "
+                               "activation='relu'"),
+    (["--epsilon", "0.001"], "--epsilon 0.001: the checkpoint's network has epsilon=1e-05"),
+])
+def test_export_refuses_flags_that_contradict_the_checkpoint(lenet_run, tmp_path, capsys,
+                                                             flags, message):
+    """Such a flag would export another network (no BN, BN elsewhere): exit 2, one line."""
+    from train import export
+
+    out = tmp_path / "m.npz"
+    code = export.main(["--workdir", str(lenet_run), "--out", str(out), *flags])
+    assert code == export.EXIT_BAD_OPTION
+    assert _one_error_line(capsys.readouterr().err).startswith(f"error: {message}")
+    assert not out.exists()
+    # A flag that agrees with the checkpoint is fine.
+    agreeing = {"--norm": "jaxbn", "--bn-position": "before_relu", "--activation": "relu",
+                "--epsilon": "1e-5"}[flags[0]]
+    assert export.main(["--workdir", str(lenet_run), "--out", str(out), flags[0],
+                        agreeing]) == 0
+
+
+def test_export_refuses_norm_none_for_variables_with_bn(tmp_path, lenet_variables, capsys):
+    """Without a recorded config, the variables themselves say there is BN."""
+    import orbax.checkpoint as ocp
+
+    from train import export
+
+    with ocp.CheckpointManager(tmp_path / "run" / "checkpoints") as manager:
+        manager.save(1, args=ocp.args.Composite(state=ocp.args.StandardSave(lenet_variables)))
+        manager.wait_until_finished()
+    code = export.main(["--workdir", str(tmp_path / "run"), "--out", str(tmp_path / "m.npz"),
+                        "--norm", "none"])
+    assert code == export.EXIT_BAD_OPTION
+    assert _one_error_line(capsys.readouterr().err).startswith(
+        "error: --norm none: the checkpoint's network has BatchNorm")
+
+
+def test_export_missing_step_and_unwritable_out_are_one_line(lenet_run, tmp_path, capsys):
+    from train import export
+
+    code = export.main(["--workdir", str(lenet_run), "--out", str(tmp_path / "m.npz"),
+                        "--step", "5"])
+    assert code == export.EXIT_FAILED
+    assert _one_error_line(capsys.readouterr().err) == (
+        f"error: no checkpoint of step 5 in {lenet_run.absolute() / 'checkpoints'}: expected "
+        "one of the steps 3, 7.")
+    (tmp_path / "file").write_text("")
+    code = export.main(["--workdir", str(lenet_run), "--out", str(tmp_path / "file" / "m.npz")])
+    assert code == export.EXIT_FAILED
+    assert _one_error_line(capsys.readouterr().err) == (
+        f"error: cannot write {tmp_path / 'file' / 'm.npz'}: {tmp_path / 'file'} is not a "
+        "directory")
+
+
+def test_export_flag_errors_are_one_line(capsys):
+    from train import export
+
+    with pytest.raises(SystemExit) as exc:
+        export.main(["--workdir", "w"])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == ("error: the following arguments are required: --out; see "
+                                       "python -m train.export --help\n")

@@ -20,9 +20,15 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The core: the public functions and the private modules they are split into.
 CORE = {"jaxbn.core", "jaxbn._checks", "jaxbn._reductions", "jaxbn._xla_cpu",
         "jaxbn._sharding", "jaxbn._autodiff"}
-# The only library modules that may import a framework other than JAX.
+# The only library modules that may import a framework other than JAX, by framework.
 FLAX = {"jaxbn.linen", "jaxbn.nnx", "jaxbn.precise_linen", "jaxbn.precise_nnx"}
 TORCH = {"jaxbn.interop"}
+FRAMEWORKS = {
+    "flax": FLAX,
+    "torch": TORCH,
+    "equinox": {"jaxbn.equinox", "jaxbn.precise_equinox"},
+    "haiku": {"jaxbn.haiku", "jaxbn.precise_haiku"},
+}
 REPO = {"jaxbn", "train", "benchmarks", "tests"}
 
 
@@ -67,10 +73,8 @@ def _allowed(importer: str, imported: str) -> str | None:
                 return "the core imports only itself from jaxbn"
             if top not in {"jax", "jaxlib", "numpy", "jaxbn"} | sys.stdlib_module_names:
                 return "the core imports only jax, numpy and the standard library"
-        if top == "flax" and importer not in FLAX:
-            return "only jaxbn.linen, jaxbn.nnx and the precise_ Flax modules import flax"
-        if top == "torch" and importer not in TORCH:
-            return "only jaxbn.interop imports torch"
+        if top in FRAMEWORKS and importer not in FRAMEWORKS[top]:
+            return f"only {', '.join(sorted(FRAMEWORKS[top]))} import {top}"
     if layer == "train" and top in {"benchmarks", "tests"}:
         return f"the program never imports {top}/"
     if layer == "benchmarks" and top == "tests":
@@ -117,6 +121,8 @@ def test_the_core_modules_exist():
     ("jaxbn.variants", "from train import lenet", "the library never imports train/"),
     ("jaxbn.precise", "import flax", "only jaxbn.linen"),
     ("jaxbn.linen", "import torch", "only jaxbn.interop"),
+    ("jaxbn.precise", "import equinox as eqx", "only jaxbn.equinox"),
+    ("jaxbn.equinox", "import haiku as hk", "only jaxbn.haiku"),
     ("train.lenet", "from benchmarks import harness", "the program never imports"),
     ("train.lenet", "import tests.reference", "the program never imports tests/"),
     ("benchmarks.bn", "from tests import synthetic", "benchmarks never import tests/"),
@@ -132,6 +138,8 @@ def test_allowed_imports_are_not_reported():
         "jaxbn._checks": ("import numpy as np\nfrom jaxbn import core", False),
         "jaxbn.nnx": ("from flax import nnx\nfrom jaxbn import _modules, core", False),
         "jaxbn.interop": ("import torch", False),
+        "jaxbn.equinox": ("import equinox as eqx\nfrom jaxbn import _sharding", False),
+        "jaxbn.precise_haiku": ("import haiku as hk\nfrom jaxbn.haiku import BatchNorm", False),
         "train": ("from . import lenet", True),
         "train.lenet": ("import optax\nimport jaxbn\nfrom train import config", False),
         "benchmarks.lenet": ("from train import lenet", False),

@@ -505,7 +505,7 @@ def test_warmup():
                                          "nan"),
         ({"bn_momentum": 1.5}, "--bn-momentum: expected a number in [0, 1], got 1.5"),
         ({"max_steps": 0}, "--max-steps: expected a positive integer, got 0"),
-        ({"seed": -1}, "--seed: expected a non-negative integer, got -1"),
+        ({"seed": -1}, "--seed: expected an integer in [0, 4294967295], got -1"),
     ],
 )
 def test_validate(kwargs, message):

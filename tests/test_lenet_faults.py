@@ -34,7 +34,8 @@ SPE = N_TRAIN // BATCH  # steps per epoch
 REPO = Path(__file__).resolve().parents[1]
 #: A LeNet checkpoint takes about 3.3 MB: this disk holds one, not two.
 SMALL_DISK = "5m"
-EXIT_BUSY, EXIT_NO_INTACT, EXIT_STORAGE, EXIT_INTERRUPTED = 3, 4, 5, 130
+EXIT_BUSY, EXIT_NO_INTACT, EXIT_STORAGE = 3, 4, 5
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 
 @pytest.fixture(scope="module")
@@ -362,6 +363,54 @@ def test_repeated_ctrl_c_during_the_first_save_tells_the_truth(idx_dir, tmp_path
     _resumes_to_the_end(capsys, idx_dir, workdir, straight, checkpoint)
 
 
+def test_sigterm_during_the_first_save_stops_like_ctrl_c(idx_dir, tmp_path, capsys,
+                                                       monkeypatch, straight):
+    """What a scheduler sends to preempt a job: the save in progress finishes, the message
+    names the complete checkpoint, exit status 143, and --resume ends where an
+    uninterrupted run ends."""
+    original = ocp.JsonCheckpointHandler._save_fn
+
+    async def slow_save(self, item, directory):
+        if item["step"] == SPE:
+            time.sleep(1.5)  # In Orbax's background thread: the first save takes a while.
+        return await original(self, item, directory)
+
+    def send_sigterm_twice():
+        for _ in range(2):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.1)
+
+    def on_step(epoch, step):
+        if step == SPE + 1:  # The first checkpoint's save has just started.
+            threading.Thread(target=send_sigterm_twice).start()
+            time.sleep(60)
+            raise AssertionError("SIGTERM did not stop the training")
+
+    def unhandled(signum, frame):  # Where the program handles none, instead of dying.
+        raise AssertionError("the program did not handle SIGTERM")
+
+    monkeypatch.setattr(ocp.JsonCheckpointHandler, "_save_fn", slow_save)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    original_run = lenet.train_and_evaluate
+    monkeypatch.setattr(lenet, "train_and_evaluate",
+                        lambda *a, **k: original_run(*a, on_step=on_step, **k))
+    workdir = tmp_path / "w"
+    try:
+        code, out, err = _main(capsys, *_args(idx_dir, workdir))
+        assert signal.getsignal(signal.SIGTERM) is unhandled  # Restored after the run.
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.undo()
+    assert code == EXIT_TERMINATED
+    match = re.search(r"^terminated \(SIGTERM\); the latest checkpoint, (\S+), is complete: "
+                      "continue with --resume$", err, re.MULTILINE)
+    assert match, err
+    checkpoint = Path(match[1])
+    assert checkpoint == workdir.absolute() / "checkpoints" / str(SPE) and checkpoint.is_dir()
+    assert not _unfinished(workdir)
+    _resumes_to_the_end(capsys, idx_dir, workdir, straight, checkpoint)
+
+
 def test_resume_after_a_save_that_never_finished_says_so(idx_dir, tmp_path, capsys):
     """A run killed during its first save leaves only Orbax's temporary directory."""
     workdir = tmp_path / "w"
@@ -394,3 +443,108 @@ def test_data_dir_variable_that_does_not_exist_is_refused(tmp_path, capsys, monk
     assert code == 2
     assert _error_line(err).startswith("error: $JAXBN_DATA_DIR=/nonexistent: expected a "
                                        "directory holding the IDX files")
+
+
+def _run_program(*argv, timeout=120, env=None) -> subprocess.CompletedProcess:
+    """``python -m train.lenet`` in a fresh process, where JAX has not started yet."""
+    env = {**os.environ, **(env or {})}
+    env.pop("XLA_FLAGS", None)  # No fake devices made in advance: the program makes them.
+    return subprocess.run([sys.executable, "-m", "train.lenet", *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_more_devices_than_the_machine_holds_is_refused_at_once(idx_dir, tmp_path):
+    """Thousands of fake CPU devices on a few cores would miss XLA's collective deadlines
+    (or exhaust memory) after minutes: refused before any device is made."""
+    from train.devices import max_fake_devices
+
+    limit, _ = max_fake_devices()
+    n = 2 * limit  # Divides the batch, so only the device limit can refuse it.
+    started = time.monotonic()
+    run = _run_program(*_args(idx_dir, tmp_path / "w", "--devices", n, "--batch-size", n),
+                       timeout=60)
+    assert run.returncode == 2, run.stderr[-2000:]
+    assert re.fullmatch(rf"error: --devices {n}: expected at most {limit} fake CPU devices per "
+                        r"process on this machine \(.+\); more would miss XLA's collective "
+                        r"deadlines or run out of memory. Use fewer devices \(or more "
+                        r"processes\)", _error_line(run.stderr)), run.stderr
+    assert time.monotonic() - started < 30
+
+
+def test_the_device_limit_follows_cores_and_memory(monkeypatch):
+    from train import devices
+
+    monkeypatch.setattr(devices, "_available_memory", lambda: 1 << 40)
+    limit, reason = devices.max_fake_devices()
+    assert limit == devices.FAKE_DEVICES_PER_CORE * len(os.sched_getaffinity(0))
+    assert reason.startswith(f"{devices.FAKE_DEVICES_PER_CORE} per CPU core")
+    monkeypatch.setattr(devices, "_available_memory", lambda: 5 * devices.FAKE_DEVICE_BYTES + 1)
+    assert devices.max_fake_devices() == (5, "0.1 GiB of available memory at 16 MiB each")
+
+
+@pytest.mark.parametrize("how", ["no test images", "32x32 images"])
+def test_unusable_data_is_refused_before_training(tmp_path, capsys, how):
+    """Found at the start, not after an epoch: exit 2, one line naming the file."""
+    rng = np.random.default_rng(0)
+    train_images, train_labels = learnable_images(64, rng)
+    test_images, test_labels = learnable_images(8, rng)
+    if how == "no test images":
+        test_images, test_labels = test_images[:0], test_labels[:0]
+        name, message = "t10k-images-idx3-ubyte.gz", "empty split: expected at least one " \
+                                                       "image, found 0"
+    else:
+        train_images, test_images = (np.pad(x, ((0, 0), (2, 2), (2, 2)))
+                                     for x in (train_images, test_images))
+        name, message = "train-images-idx3-ubyte.gz", "expected 28x28x1 images (LeNet's " \
+                                                        "input), found 32x32x1"
+    data_dir = idx.write_idx_dataset(tmp_path / "data", train_images, train_labels,
+                                     test_images, test_labels)
+    code, out, err = _main(capsys, *_args(data_dir, tmp_path / "w"))
+    assert code == 2
+    assert _error_line(err) == f"error: {data_dir / name}: {message}"
+    assert "epoch" not in out and not (tmp_path / "w" / "checkpoints").exists(), out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--optimizer", "rmsprop"],
+     "argument --optimizer: invalid choice: 'rmsprop' (choose from 'sgd', 'adam')"),
+    (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    (["--epochs", "1.5"], "argument --epochs: invalid int value: '1.5'"),
+])
+def test_flags_argparse_rejects_are_one_line(tmp_path, capsys, flags, message):
+    code, out, err = _main(capsys, "--workdir", str(tmp_path), *flags)
+    assert code == 2 and not out
+    assert err == f"error: {message}; see python -m train.lenet --help\n"
+
+
+def test_a_seed_beyond_32_bits_is_refused(tmp_path, capsys):
+    code, _, err = _main(capsys, "--workdir", str(tmp_path), "--seed",
+                         "99999999999999999999999")
+    assert code == 2
+    assert _error_line(err) == ("error: --seed: expected an integer in [0, 4294967295], got "
+                                "99999999999999999999999")
+
+
+def test_a_workdir_that_is_a_file_is_not_a_directory(idx_dir, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    code, _, err = _main(capsys, *_args(idx_dir, tmp_path / "file"))
+    assert code == EXIT_STORAGE
+    assert _error_line(err) == (f"error: cannot use --workdir {tmp_path / 'file'}: Not a "
+                                "directory (ENOTDIR)")
+
+
+def test_an_unknown_dataset_is_one_line(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("tensorflow_datasets")
+    from train import data
+
+    monkeypatch.delenv("JAXBN_DATA_DIR", raising=False)
+    monkeypatch.setattr(data, "DEBIAN_DATASETS_ROOT", str(tmp_path))
+    code, _, err = _main(capsys, "--workdir", str(tmp_path / "w"), "--dataset",
+                         "nonexistent_ds", "--no-progress")
+    assert code == 2
+    assert err.count("\n") == 1, err  # Not TFDS's catalogue of datasets.
+    assert _error_line(err) == (
+        "error: --dataset nonexistent_ds: unknown dataset: expected a TFDS dataset name or "
+        f"IDX files for it, found neither ($JAXBN_DATA_DIR: not set; Debian: "
+        f"{tmp_path / 'nonexistent-ds'}: no such directory; TFDS: no dataset "
+        "'nonexistent_ds')")

@@ -227,3 +227,13 @@ def test_export_folds_the_precise_statistics(straight, tmp_path, capsys):
     assert export.main(["--workdir", str(workdir), "--step", str(STEPS_PER_EPOCH),
                         "--out", str(tmp_path / "m.npz")]) == 0
     assert "BN (PreciseBN's statistics)" in capsys.readouterr().out
+
+
+def test_freeze_message_says_how_many_images_were_used(idx_dir, tmp_path):
+    """--precise-bn larger than the training set: PreciseBN uses one epoch, and says so."""
+    argv = _args(idx_dir, tmp_path, "--max-steps", STEPS_PER_EPOCH + 1)
+    argv[argv.index("--precise-bn") + 1] = "100000"
+    _, lines = _run(argv)
+    (line,) = [x for x in lines if "BN frozen for the last" in x]
+    assert line.endswith(f"with statistics recomputed from {N_TRAIN} training images, for "
+                         "100000 asked (whole batches, at most one epoch) (PreciseBN)"), line

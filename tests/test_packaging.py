@@ -19,8 +19,8 @@ def test_version_comes_from_the_package_metadata():
 
 
 def test_import_needs_neither_flax_nor_torch():
-    code = ("import sys, jaxbn; "
-            "print(sorted(m for m in ('flax', 'torch', 'optax') if m in sys.modules))")
+    code = ("import sys, jaxbn; print(sorted(m for m in ('flax', 'torch', 'optax', "
+            "'equinox', 'haiku') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"})
     assert out.stdout.split() == ["[]"]

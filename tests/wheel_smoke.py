@@ -1,13 +1,14 @@
 """Smoke test of an installed jaxbn wheel, run by ``scripts/check_wheel.sh``.
 
 The script copies this file out of the checkout and runs it with pytest in a fresh virtual
-environment that has the wheel (with its ``flax`` and ``torch`` extras) installed and not the
+environment that has the wheel (with its framework and ``torch`` extras) installed and not the
 repository: every import below must come from site-packages. The name does not start with
 ``test_``, so the repository's own test run does not collect it.
 
 Environment: ``JAXBN_REPO`` is the checkout (which must not be on ``sys.path``),
 ``JAXBN_WHEEL_VERSION`` the version in the wheel's file name and ``JAXBN_WHEEL_EXTRAS`` the
-extras installed with it (``flax,torch`` in CI; the PyTorch test runs only with ``torch``).
+extras installed with it (``flax,torch,equinox,haiku`` in CI; the PyTorch test runs only with
+``torch``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 import jaxbn
 
 REPO = pathlib.Path(os.environ.get("JAXBN_REPO", "/nonexistent")).resolve()
-EXTRAS = set(os.environ.get("JAXBN_WHEEL_EXTRAS", "flax,torch").split(","))
+EXTRAS = set(os.environ.get("JAXBN_WHEEL_EXTRAS", "flax,torch,equinox,haiku").split(","))
 
 
 def _batch(shape=(32, 3), seed=0):
@@ -97,6 +98,43 @@ def test_nnx_matches_flax():
     np.testing.assert_allclose(ours.var[...], theirs.var[...], rtol=1e-6)
     ours.eval(), theirs.eval()
     np.testing.assert_allclose(ours(x), theirs(x), rtol=1e-6, atol=1e-6)
+
+
+
+def test_equinox_matches_equinox():
+    if "equinox" not in EXTRAS:
+        pytest.skip("installed without the [equinox] extra")
+    import equinox as eqx
+
+    from jaxbn.equinox import BatchNorm
+
+    x = _batch()
+    outs = []
+    for cls in (BatchNorm, eqx.nn.BatchNorm):
+        bn, state = eqx.nn.make_with_state(cls)(3, "batch", mode="batch", momentum=0.9)
+        y, state = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(
+            x, state)
+        outs.append((y, *state.get(bn.batch_state_index)))
+    for a, b in zip(*outs, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_haiku_matches_haiku():
+    if "haiku" not in EXTRAS:
+        pytest.skip("installed without the [haiku] extra")
+    import haiku as hk
+
+    from jaxbn.haiku import BatchNorm
+
+    x = _batch()
+    outs = []
+    for cls in (BatchNorm, hk.BatchNorm):
+        f = hk.transform_with_state(lambda x, c=cls: c(True, True, 0.9)(x, is_training=True))
+        params, state = f.init(None, x)
+        outs.append(f.apply(params, state, None, x))
+    assert jax.tree.structure(outs[0]) == jax.tree.structure(outs[1])
+    for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)  # haiku's one-pass variance
 
 
 def test_interop_matches_torch():

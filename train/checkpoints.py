@@ -360,7 +360,8 @@ def read_checkpoint(
         ``(step, {item name: tree of numpy arrays or JSON values})``.
 
     Raises:
-        CheckpointError: No checkpoint, or one that does not match its checksum.
+        CheckpointError: No checkpoint (or none of ``step``), or one that does not match its
+            checksum.
     """
     directory = (Path(workdir) / "checkpoints").absolute()
     if not directory.is_dir():
@@ -368,10 +369,14 @@ def read_checkpoint(
                               "directory.")
     options = ocp.CheckpointManagerOptions(read_only=True)
     with quiet_orbax(), ocp.CheckpointManager(directory, options=options) as manager:
+        steps = sorted(manager.all_steps())
         step = manager.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"expected at least one checkpoint in {directory}, found "
                                   "none.")
+        if step not in steps:
+            raise CheckpointError(f"no checkpoint of step {step} in {directory}: expected "
+                                  f"one of the steps {', '.join(map(str, steps))}.")
         items = _as_dict(manager.restore(step))
     items = {name: item if name == "meta" else jax.tree.map(np.asarray, item)
              for name, item in items.items()}

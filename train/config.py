@@ -37,6 +37,8 @@ __all__ = [
     "SCHEDULES",
     "CommandLine",
     "Config",
+    "MAX_SEED",
+    "OneLineErrorParser",
     "Option",
     "Resume",
     "build_parser",
@@ -107,6 +109,14 @@ def _non_negative(value: float) -> str | None:
     return None if math.isfinite(value) and value >= 0 else "a finite number >= 0"
 
 
+#: Seeds are unsigned 32-bit integers (``jax.random.key`` and numpy take them all).
+MAX_SEED = 2**32 - 1
+
+
+def _seed(value: int) -> str | None:
+    return None if 0 <= value <= MAX_SEED else f"an integer in [0, {MAX_SEED}]"
+
+
 def _fraction(value: float) -> str | None:
     return None if 0 <= value <= 1 else "a number in [0, 1]"
 
@@ -156,8 +166,7 @@ class Config:
                              resume=Resume.ALLOW)
     conv: str = _option("fast", "fast: train.conv (im2col, custom VJP; fastest on CPU); "
                         "flax: flax.linen.Conv", choices=CONVS)
-    seed: int = _option(0, "initialization and data-order seed", check=_non_negative_int,
-                        compiled=False)
+    seed: int = _option(0, "initialization and data-order seed", check=_seed, compiled=False)
     devices: int = _option(1, "data-parallel devices (synchronized BN), over all processes; "
                            "fake CPU devices are created if needed", check=_positive_int,
                            resume=Resume.ALLOW)
@@ -309,6 +318,29 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter,
     """Shows defaults, and keeps the epilog's lines (the exit statuses) as written."""
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An :class:`argparse.ArgumentParser` whose errors are one line, as the program's are.
+
+    ``error: <what argparse found>; see <prog> --help`` on stderr and exit status 2, instead
+    of the usage followed by the error.
+
+    Example:
+        >>> import contextlib, io
+        >>> err = io.StringIO()
+        >>> with contextlib.redirect_stderr(err):
+        ...     try:
+        ...         OneLineErrorParser(prog="prog").parse_args(["--bogus"])
+        ...     except SystemExit as e:
+        ...         print(e.code)
+        2
+        >>> print(err.getvalue(), end="")
+        error: unrecognized arguments: --bogus; see prog --help
+    """
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"error: {' '.join(message.split())}; see {self.prog} --help\n")
+
+
 def _flag_type(name: str) -> type:
     hint = typing.get_type_hints(Config)[name]
     if isinstance(hint, types.UnionType):
@@ -319,7 +351,7 @@ def _flag_type(name: str) -> type:
 def build_parser() -> argparse.ArgumentParser:
     """The parser of ``python -m train.lenet``: one flag per :class:`Config` field, plus
     ``--workdir`` and the multi-process settings."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="python -m train.lenet",
         description="Train the seed's LeNet with Batch Normalization and report test accuracy.",
         formatter_class=_HelpFormatter,

@@ -40,6 +40,7 @@ __all__ = [
     "PIXEL_STATS",
     "DataError",
     "Dataset",
+    "check_image_shape",
     "load_dataset",
     "load_idx_dataset",
     "load_tfds_dataset",
@@ -157,8 +158,9 @@ def load_idx_dataset(
         The :class:`Dataset`, with ``source`` set to ``str(directory)``.
 
     Raises:
-        DataError: A file is missing or malformed, image and label counts differ, train and
-            test images differ in size, or a label is ``>= num_classes``.
+        DataError: A file is missing or malformed, a split has no images, image and label
+            counts differ, train and test images differ in size, or a label is
+            ``>= num_classes``.
     """
     directory = Path(directory)
     name = _canonical(name)
@@ -172,6 +174,8 @@ def load_idx_dataset(
         img_path, lbl_path = files[f"{split}_images"], files[f"{split}_labels"]
         images = read_idx(img_path, ndim=3)
         labels = read_idx(lbl_path, ndim=1)
+        if not len(images):
+            raise DataError(f"{img_path}: empty split: expected at least one image, found 0")
         if len(images) != len(labels):
             raise DataError(
                 f"{lbl_path}: count mismatch: expected {len(images)} labels "
@@ -304,8 +308,9 @@ def load_dataset(
 
     Raises:
         DataError: ``data_dir`` lacks the files; ``$JAXBN_DATA_DIR`` is not a directory; a
-            file is malformed; or nothing was found anywhere (the message lists the ways to
-            provide the data and TFDS's error).
+            file is malformed; a name that neither a directory nor TFDS knows (one line); or
+            nothing was found anywhere (the message lists the ways to provide the data and
+            TFDS's error).
     """
     name = _canonical(name)
     if data_dir is not None:
@@ -343,6 +348,11 @@ def load_dataset(
     except DataError:
         raise
     except Exception as e:  # Any TFDS failure (not installed, offline...) = not available.
+        if type(e).__name__ == "DatasetNotFoundError":  # Its message lists TFDS's catalogue.
+            raise DataError(
+                f"--dataset {name}: unknown dataset: expected a TFDS dataset name or IDX files "
+                f"for it, found neither ({'; '.join(checked)}; TFDS: no dataset {name!r})"
+            ) from e
         tfds_error = f"{type(e).__name__}: {e}"
         if len(tfds_error) > _MAX_TFDS_ERROR_CHARS:
             tfds_error = tfds_error[:_MAX_TFDS_ERROR_CHARS] + " [...]"
@@ -358,6 +368,35 @@ def load_dataset(
             f"(installs {Path(DEBIAN_DATASETS_ROOT) / _dashed(name)}), or go online so "
             "TFDS can download it."
         ) from e
+
+
+def check_image_shape(ds: Dataset, expected: tuple[int, int, int], needed_by: str) -> None:
+    """Checks that ``ds``'s images have the shape a model takes, naming the file if not.
+
+    Args:
+        ds: The dataset.
+        expected: ``(H, W, C)`` of one image.
+        needed_by: Who needs that shape, for the message (e.g. ``"LeNet"``).
+
+    Raises:
+        DataError: The images have another shape; the message names the training images'
+            file (or ``tfds:<name>[train]``), the shape expected and the shape found.
+
+    Example:
+        >>> ds = Dataset(*(np.zeros((1, 32, 32, 1), np.uint8), np.zeros(1, np.int32)) * 2,
+        ...              name="x", source="tfds:x", num_classes=10)
+        >>> try:
+        ...     check_image_shape(ds, (28, 28, 1), "LeNet")
+        ... except DataError as e:
+        ...     print(e)
+        tfds:x[train]: expected 28x28x1 images (LeNet's input), found 32x32x1
+    """
+    if ds.image_shape == tuple(expected):
+        return
+    files = None if ds.source.startswith("tfds:") else find_idx_files(Path(ds.source))
+    where = files["train_images"] if files else f"{ds.source}[train]"
+    raise DataError(f"{where}: expected {shape_text(expected)} images ({needed_by}'s input), "
+                    f"found {shape_text(ds.image_shape)}")
 
 
 # --------------------------------------------------------------------------------------------

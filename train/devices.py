@@ -4,6 +4,14 @@ On a CPU-only machine JAX shows one device unless told otherwise before it start
 :func:`ensure_devices` asks for ``N / num_processes`` CPU devices per process while that is
 still possible (``jax_num_cpu_devices``), then picks the run's devices with
 :func:`select_devices`.
+
+Fake CPU devices share the machine's cores and memory, and XLA:CPU synchronizes them at every
+collective: with far more devices than cores, the all-reduces of a training step miss XLA's
+rendezvous deadline and the process aborts (512 devices on 2 cores do, after a minute or
+more). So a process makes at most :func:`max_fake_devices` of them:
+:data:`FAKE_DEVICES_PER_CORE` per CPU core, and no more than the available memory holds at
+:data:`FAKE_DEVICE_BYTES` each (the replicated LeNet state: parameters, gradients and
+optimizer state). A larger ``--devices`` is refused before any device is made.
 """
 
 from __future__ import annotations
@@ -15,10 +23,53 @@ import jax
 from train import distributed
 from train.errors import ConfigError
 
-__all__ = ["FAKE_DEVICES_FLAG", "ensure_devices", "select_devices"]
+__all__ = ["FAKE_DEVICES_FLAG", "FAKE_DEVICES_PER_CORE", "FAKE_DEVICE_BYTES", "ensure_devices",
+           "max_fake_devices", "select_devices"]
 
 #: The XLA flag that makes fake CPU devices.
 FAKE_DEVICES_FLAG = "--xla_force_host_platform_device_count"
+#: Fake CPU devices per core that a process may make.
+FAKE_DEVICES_PER_CORE = 16
+#: Memory a fake device needs at least: LeNet's 431,080 float32 parameters replicated five
+#: times (parameters, gradients, SGD momentum, and the updated parameters and momentum),
+#: about 8.6 MB, rounded up to 16 MiB for the per-device buffers of a step.
+FAKE_DEVICE_BYTES = 16 * 2**20
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to new allocations (Linux's MemAvailable), if known."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def max_fake_devices() -> tuple[int, str]:
+    """How many fake CPU devices this process may make, and why that many.
+
+    Returns:
+        ``(limit, reason)``: the smaller of :data:`FAKE_DEVICES_PER_CORE` per CPU core and
+        the available memory over :data:`FAKE_DEVICE_BYTES`, and a phrase that says which.
+
+    Example:
+        >>> limit, reason = max_fake_devices()
+        >>> limit >= FAKE_DEVICES_PER_CORE
+        True
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        os.cpu_count() or 1
+    limit = FAKE_DEVICES_PER_CORE * cores
+    reason = f"{FAKE_DEVICES_PER_CORE} per CPU core, {cores} cores"
+    memory = _available_memory()
+    if memory is not None and memory // FAKE_DEVICE_BYTES < limit:
+        limit = max(1, memory // FAKE_DEVICE_BYTES)
+        reason = (f"{memory / 2**30:.1f} GiB of available memory at "
+                  f"{FAKE_DEVICE_BYTES // 2**20} MiB each")
+    return limit, reason
 
 
 def ensure_devices(n: int) -> list[jax.Device]:
@@ -38,7 +89,8 @@ def ensure_devices(n: int) -> list[jax.Device]:
 
     Raises:
         ConfigError: Fewer than ``n`` devices exist (and it is too late to create fake ones),
-            or ``n`` does not divide over the processes; the message says how to fix it.
+            more fake CPU devices are needed than :func:`max_fake_devices` allows, or ``n``
+            does not divide over the processes; the message says how to fix it.
 
     Example:
         >>> len(ensure_devices(1))
@@ -57,6 +109,14 @@ def ensure_devices(n: int) -> list[jax.Device]:
         and FAKE_DEVICES_FLAG not in os.environ.get("XLA_FLAGS", "")
         and jax.config.jax_num_cpu_devices < local
     ):
+        limit, reason = max_fake_devices()
+        if local > limit:
+            per = "" if processes == 1 else f" ({local} per process)"
+            raise ConfigError(
+                f"--devices {n}{per}: expected at most {limit} fake CPU devices per process "
+                f"on this machine ({reason}); more would miss XLA's collective deadlines or "
+                "run out of memory. Use fewer devices (or more processes)"
+            )
         jax.config.update("jax_num_cpu_devices", local)
     try:
         return select_devices(n)

@@ -1,7 +1,7 @@
 """The training program's errors and exit statuses, defined once for the code, ``--help`` and docs.
 
 Each error class carries the exit status that ``python -m train.lenet`` ends with when it
-stops the run; :data:`EXIT_CODES` lists them all (with success and Ctrl-C), and
+stops the run; :data:`EXIT_CODES` lists them all (with success, Ctrl-C and SIGTERM), and
 :func:`exit_codes_help` renders that table for ``--help``. The module imports nothing but
 the standard library, so :mod:`train.data` (which must not import JAX) can use it.
 
@@ -22,11 +22,13 @@ __all__ = [
     "EXIT_CODES",
     "EXIT_INTERRUPTED",
     "EXIT_OK",
+    "EXIT_TERMINATED",
     "CheckpointError",
     "ConfigError",
     "DataError",
     "DivergedError",
     "StorageError",
+    "Terminated",
     "TrainError",
     "WorkdirBusyError",
     "exit_codes_help",
@@ -36,6 +38,20 @@ __all__ = [
 EXIT_OK = 0
 #: Ctrl-C: the run stopped after any checkpoint save in progress had finished.
 EXIT_INTERRUPTED = 130
+#: SIGTERM (what SLURM, Kubernetes and preemptible VMs send), 128 + 15 as a shell reports a
+#: process killed by it: the run stopped as on Ctrl-C.
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM asked the run to stop; handled like Ctrl-C (a ``KeyboardInterrupt``).
+
+    Example:
+        >>> issubclass(Terminated, KeyboardInterrupt), Terminated.exit_code
+        (True, 143)
+    """
+
+    exit_code = EXIT_TERMINATED
 
 
 class TrainError(Exception):
@@ -105,6 +121,8 @@ EXIT_CODES: dict[int, str] = {
     **{cls.exit_code: cls.meaning for cls in (DivergedError, ConfigError, WorkdirBusyError,
                                               CheckpointError, StorageError)},
     EXIT_INTERRUPTED: "interrupted (Ctrl-C); the message says which checkpoint to resume from",
+    EXIT_TERMINATED: "terminated (SIGTERM, as sent by SLURM, Kubernetes or a preempted VM); "
+                     "as for Ctrl-C, the message says which checkpoint to resume from",
 }
 
 

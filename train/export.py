@@ -18,6 +18,11 @@ How each BatchNorm is folded (``a = scale / sqrt(var + eps)``, ``b = bias - mean
   (``conv2``, which is unpadded, or ``fc1`` through the NHWC flatten), exact for any sign.
 * ``norm='none'``: nothing to fold.
 
+The network's options (``norm``, ``bn_position``, ``activation``, ``epsilon``) come from the
+checkpoint's recorded config; a flag that contradicts them is refused with one ``error:`` line
+and exit status 2 (it would export another network). Exit status 1: no intact checkpoint
+(or none at ``--step``), or the output cannot be written; 0: written.
+
 The training program standardizes its inputs, ``(pixels / 255 - mean) / std``; that affine
 map is folded into ``conv1`` as well (exact: ``conv1`` is unpadded), so the exported model
 takes plain ``pixels / 255`` in ``[0, 1]``.
@@ -41,9 +46,13 @@ from jax import lax
 from jaxbn import BatchNormParams, BatchStats, fold, interop
 from train import data
 from train.checkpoints import PRECISE, read_checkpoint
+from train.config import OneLineErrorParser
+from train.errors import ConfigError, os_error_cause
 from train.model import ACTIVATIONS, BN_POSITIONS, NORMS, LeNet
 
 __all__ = [
+    "EXIT_BAD_OPTION",
+    "EXIT_FAILED",
     "FORMAT",
     "export_folded",
     "folded_apply",
@@ -55,6 +64,9 @@ __all__ = [
 
 #: Written into the architecture JSON; :func:`load_folded` checks it.
 FORMAT = "jaxbn-folded-lenet-v1"
+#: Exit statuses of ``python -m train.export`` besides 0: no intact checkpoint (or none at
+#: ``--step``), or the output cannot be written; a flag that contradicts the checkpoint.
+EXIT_FAILED, EXIT_BAD_OPTION = 1, 2
 _STAGES = (("conv1", "bn1", "affine1"), ("conv2", "bn2", "affine2"))
 
 
@@ -321,13 +333,40 @@ _CONFIG_TO_MODEL = {"norm": "norm", "bn_position": "bn_position", "activation": 
                     "bn_momentum": "momentum", "conv": "conv"}
 
 
-def _model_kwargs(meta: Mapping[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """LeNet options: the checkpoint's ``meta['config']``, then the command-line flags."""
+def _model_kwargs(meta: Mapping[str, Any], args: argparse.Namespace,
+                  variables: Mapping[str, Any]) -> dict[str, Any]:
+    """LeNet options: the checkpoint's ``meta['config']``, where the flags may only agree.
+
+    The options that describe the network (``norm``, ``bn_position``, ``activation``,
+    ``epsilon``) come from the checkpoint when it records them (``python -m train.lenet``
+    always trains with LeNet's ``epsilon``); a flag that contradicts them would export a
+    different network, so it is refused. Without a recorded config the flags fill in, but
+    ``--norm none`` is still refused for variables that hold BatchNorm statistics.
+
+    Raises:
+        ConfigError: A flag contradicts the checkpoint.
+    """
     config = meta.get("config", {}) if isinstance(meta, Mapping) else {}
     kwargs = {dst: config[src] for src, dst in _CONFIG_TO_MODEL.items() if src in config}
+    recorded = dict(kwargs)
+    if "norm" in config:  # A train.lenet checkpoint: its BN epsilon is LeNet's default.
+        recorded.setdefault("epsilon", LeNet.epsilon)
     for name in ("norm", "bn_position", "activation", "epsilon"):
-        if getattr(args, name) is not None:
-            kwargs[name] = getattr(args, name)
+        flag = getattr(args, name)
+        if flag is None:
+            continue
+        if name in recorded and recorded[name] != flag:
+            raise ConfigError(
+                f"--{name.replace('_', '-')} {flag}: the checkpoint's network has "
+                f"{name}={recorded[name]!r}, and exporting it as another network would "
+                f"change its outputs; drop the flag (the checkpoint's options are used)"
+            )
+        kwargs[name] = flag
+    if kwargs.get("norm") == "none" and variables.get("batch_stats"):
+        raise ConfigError(
+            "--norm none: the checkpoint's network has BatchNorm (its variables hold "
+            f"batch_stats {sorted(variables['batch_stats'])}); drop the flag"
+        )
     return kwargs
 
 
@@ -344,18 +383,19 @@ def _input_stats(meta: Mapping[str, Any], args: argparse.Namespace) -> tuple[flo
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m train.export --workdir W --out PATH``; returns the exit status."""
-    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrorParser(prog="python -m train.export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", required=True, help="training run directory")
     parser.add_argument("--out", required=True, help="output .npz (a .json goes beside it)")
     parser.add_argument("--step", type=int, default=None, help="checkpoint step (latest)")
     parser.add_argument("--norm", choices=NORMS, default=None,
-                        help="override the checkpoint's config")
+                        help="for a checkpoint without a recorded config; must agree with one")
     parser.add_argument("--bn-position", choices=BN_POSITIONS, default=None,
-                        help="override the checkpoint's config")
+                        help="for a checkpoint without a recorded config; must agree with one")
     parser.add_argument("--activation", choices=tuple(ACTIVATIONS), default=None,
-                        help="override the checkpoint's config")
-    parser.add_argument("--epsilon", type=float, default=None, help="BN epsilon (1e-5)")
+                        help="for a checkpoint without a recorded config; must agree with one")
+    parser.add_argument("--epsilon", type=float, default=None,
+                        help="BN epsilon (1e-5); must agree with the checkpoint's")
     parser.add_argument("--running-stats", action="store_true",
                         help="fold BN's running averages even where the checkpoint has "
                              "PreciseBN's statistics (train.lenet --precise-bn)")
@@ -367,16 +407,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         variables, step, meta = load_checkpoint(args.workdir, args.step,
                                                 running_stats=args.running_stats)
-        kwargs = _model_kwargs(meta, args)
+        kwargs = _model_kwargs(meta, args, variables)
         mean, std = _input_stats(meta, args)
         folded, apply_fn = export_folded(variables, kwargs, input_mean=mean, input_std=std)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_OPTION
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     note = ("float32 NHWC images, pixels / 255 in [0, 1] (the training standardization "
             f"(x - {mean:g}) / {std:g} is folded into conv1)" if (mean, std) != (0.0, 1.0)
             else "float32 NHWC images, as the trained model's input")
-    npz, path = save_folded(args.out, folded, kwargs, input_note=note)
+    try:
+        npz, path = save_folded(args.out, folded, kwargs, input_note=note)
+    except OSError as e:
+        cause = os_error_cause(e) or str(e)
+        if isinstance(e, FileExistsError):  # mkdir met a file where a directory must be.
+            cause = f"{e.filename} is not a directory"
+        print(f"error: cannot write {Path(args.out).with_suffix('.npz')}: {cause}",
+              file=sys.stderr)
+        return EXIT_FAILED
     # Check against the unfolded model. Both conv implementations share the variables, and
     # inference never synchronizes, so the plain flax conv and no axis name will do.
     x = jnp.asarray(np.random.default_rng(0).uniform(0, 1, (64, 28, 28, 1)), jnp.float32)

@@ -14,6 +14,9 @@ without it, XLA:CPU's per-step buffers are page-faulted in anew on every step).
 
 Errors end the run with one line on stderr, ``error: <what and why>``, and the exit status
 of :data:`train.errors.EXIT_CODES` (``--help`` lists them); ``--debug`` adds the traceback.
+SIGTERM (a scheduler's preemption) stops the run as Ctrl-C does, on every process that
+receives it: a checkpoint save in progress finishes, the message names the latest complete
+checkpoint, and the exit status is 143.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from train import distributed, metrics, runtime
 from train.checkpoints import latest_checkpoint
 from train.config import parse_args, validate
 from train.devices import ensure_devices
-from train.errors import EXIT_INTERRUPTED, ConfigError, TrainError
-from train.train import say, train_and_evaluate
+from train.errors import EXIT_INTERRUPTED, ConfigError, Terminated, TrainError
+from train.train import say, terminate_like_interrupt, train_and_evaluate
 
 __all__ = ["main"]
 
@@ -60,13 +63,14 @@ def _join(coordinator: str | None, num_processes: int | None, process_id: int | 
         raise ConfigError(str(e)) from e
 
 
-def _interrupted(workdir: str) -> str:
-    """What a Ctrl-C leaves behind, as found on disk (a save in progress has finished)."""
+def _interrupted(workdir: str, what: str = "interrupted") -> str:
+    """What a Ctrl-C (or SIGTERM) leaves behind, as found on disk (a save in progress has
+    finished)."""
     latest = latest_checkpoint(Path(workdir).absolute() / "checkpoints")
     if latest is None:
-        return ("interrupted before the first checkpoint was saved: nothing to resume, the "
+        return (f"{what} before the first checkpoint was saved: nothing to resume, the "
                 "next run starts from scratch")
-    return f"interrupted; the latest checkpoint, {latest}, is complete: continue with --resume"
+    return f"{what}; the latest checkpoint, {latest}, is complete: continue with --resume"
 
 
 @contextlib.contextmanager
@@ -74,11 +78,13 @@ def _exit_on_errors(workdir: str, debug: bool) -> Iterator[None]:
     """Ends the program on an error: ``error: <message>`` on stderr and its exit status."""
     try:
         yield
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         if debug:
             traceback.print_exc()
-        print(f"\n{_interrupted(workdir)}", file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_INTERRUPTED) from None
+        terminated = isinstance(interrupt, Terminated)
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        print(f"\n{_interrupted(workdir, what)}", file=sys.stderr, flush=True)
+        raise SystemExit(Terminated.exit_code if terminated else EXIT_INTERRUPTED) from None
     except (TrainError, distributed.CoordinatorUnreachableError) as error:
         if debug:
             traceback.print_exc()
@@ -100,13 +106,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         The final metrics (see :func:`train.train.train_and_evaluate`).
 
     Raises:
-        SystemExit: With the status of :data:`train.errors.EXIT_CODES` on an error or Ctrl-C.
+        SystemExit: With the status of :data:`train.errors.EXIT_CODES` on an error, Ctrl-C
+            or SIGTERM.
     """
     if not distributed.backends_initialized():
         # A fresh process: before JAX starts its threads, which then share one malloc arena.
         runtime.tune_allocator()
     args = parse_args(argv)
-    with _exit_on_errors(args.workdir, args.config.debug):
+    with _exit_on_errors(args.workdir, args.config.debug), terminate_like_interrupt():
         validate(args.config)  # Before joining: every process of a run fails alike, and at once.
         _join(args.coordinator, args.num_processes, args.process_id)
         if args.config.devices > 1:

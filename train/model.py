@@ -30,7 +30,11 @@ from jax.sharding import PartitionSpec as P
 import jaxbn.linen
 from train.conv import Conv
 
-__all__ = ["ACTIVATIONS", "BN_POSITIONS", "CONVS", "NORMS", "LeNet", "max_pool_2x2"]
+__all__ = ["ACTIVATIONS", "BN_POSITIONS", "CONVS", "INPUT_SHAPE", "NORMS", "LeNet",
+           "max_pool_2x2"]
+
+#: ``(H, W, C)`` of one input image: the seed's LeNet takes 28x28 grayscale images.
+INPUT_SHAPE = (28, 28, 1)
 
 #: Normalization layers: this library's, flax's, or none (the seed's baseline without BN).
 NORMS = ("jaxbn", "flax", "none")
@@ -210,7 +214,7 @@ class LeNet(nn.Module):
             ValueError: An unknown option, or an input that is not ``(B, 28, 28, 1)``.
         """
         self._check()
-        if x.ndim != 4 or x.shape[1:] != (28, 28, 1):
+        if x.ndim != 4 or x.shape[1:] != INPUT_SHAPE:
             raise ValueError(f"LeNet: expected input of shape (B, 28, 28, 1), got {x.shape}")
         x = self._stage(x, "conv1", 20, "bn1", train)
         x = self._stage(x, "conv2", 50, "bn2", train)

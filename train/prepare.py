@@ -26,6 +26,7 @@ from train.checkpoints import Checkpoints, unfinished_saves
 from train.config import Config, compile_key
 from train.distributed import say
 from train.errors import ConfigError, StorageError, WorkdirBusyError
+from train.model import INPUT_SHAPE
 from train.workdir import OUTPUTS, WorkdirLock, archive_previous_run, checkpoint_steps
 
 __all__ = ["Built", "Run", "StepCallback", "archive", "build", "load", "locked", "prepare"]
@@ -92,6 +93,7 @@ class Run:
 def load(config: Config, devices: int) -> tuple[data.Dataset, tuple[np.ndarray, ...], int]:
     """The dataset, its training and test subsets, and the evaluation batch size."""
     ds = data.load_dataset(config.dataset, config.data_dir)
+    data.check_image_shape(ds, INPUT_SHAPE, "LeNet")
     arrays = (ds.train_images[: config.train_subset], ds.train_labels[: config.train_subset],
               ds.test_images[: config.test_subset], ds.test_labels[: config.test_subset])
     if len(arrays[0]) < config.batch_size:

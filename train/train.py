@@ -52,10 +52,11 @@ from train.checkpoints import quiet_orbax
 from train.config import Config, check_resumable, validate
 from train.devices import ensure_devices
 from train.distributed import say
-from train.errors import ConfigError, DivergedError
+from train.errors import ConfigError, DivergedError, Terminated
 from train.prepare import Run, StepCallback, locked, prepare
 
-__all__ = ["LOG_EVERY", "StepCallback", "defer_interrupts", "say", "train_and_evaluate"]
+__all__ = ["LOG_EVERY", "StepCallback", "defer_interrupts", "say", "terminate_like_interrupt",
+           "train_and_evaluate"]
 
 #: Steps between host reads of the loss (progress bar, non-finite check).
 LOG_EVERY = 20
@@ -63,11 +64,12 @@ LOG_EVERY = 20
 
 @contextlib.contextmanager
 def defer_interrupts(doing: str) -> Iterator[None]:
-    """Holds Ctrl-C (SIGINT) back while the block runs, then raises ``KeyboardInterrupt``.
+    """Holds Ctrl-C (SIGINT) and SIGTERM back while the block runs, then raises.
 
-    For work that must not be cut short, such as a checkpoint save: every Ctrl-C pressed
-    meanwhile is noted (the first one with a line on stderr saying what is finishing), and
-    one ``KeyboardInterrupt`` follows the block. Only the main thread receives signals;
+    For work that must not be cut short, such as a checkpoint save: every Ctrl-C or SIGTERM
+    received meanwhile is noted (the first one with a line on stderr saying what is
+    finishing), and one exception follows the block: :class:`train.errors.Terminated` if a
+    SIGTERM came, else ``KeyboardInterrupt``. Only the main thread receives signals;
     elsewhere the block runs as is.
 
     Args:
@@ -76,21 +78,45 @@ def defer_interrupts(doing: str) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    pressed: list[int] = []
+    received: list[int] = []
 
     def note(signum: int, frame: Any) -> None:
-        if not pressed:
-            print(f"\ninterrupt: {doing} first; it takes a moment", file=sys.stderr,
-                  flush=True)
-        pressed.append(signum)
+        if not received:
+            what = "SIGTERM" if signum == signal.SIGTERM else "interrupt"
+            print(f"\n{what}: {doing} first; it takes a moment", file=sys.stderr, flush=True)
+        received.append(signum)
 
-    previous = signal.signal(signal.SIGINT, note)
+    previous = {sig: signal.signal(sig, note) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if pressed:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if signal.SIGTERM in received:
+        raise Terminated
+    if received:
         raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def terminate_like_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`train.errors.Terminated` (a
+    ``KeyboardInterrupt``) in the main thread, so a preempted run stops as on Ctrl-C.
+
+    Outside the main thread (where no handler can be installed) the block runs as is.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _check_checkpoint(run: Run, meta: dict[str, Any], path: Path) -> None:
@@ -284,9 +310,13 @@ def _train(run: Run) -> dict[str, Any]:
         if frozen and epoch == first_frozen and start == 0:
             images = population.freeze_images(config)
             state = state.replace(batch_stats=_precise(run, state, epoch - 1, images))
+            used = config.batch_size * population.num_precise_batches(
+                images, config.batch_size, spe)
+            asked = "" if used == images else f", for {images} asked (whole batches, at " \
+                f"most one epoch)"
             say(f"epoch {epoch + 1}/{config.epochs}: BN frozen for the last "
                 f"{config.freeze_bn_epochs} epoch(s), with statistics recomputed from "
-                f"{images} training images (PreciseBN)", flush=True)
+                f"{used} training images{asked} (PreciseBN)", flush=True)
         sums = _epoch_sums(meta, start)
         state, train = _train_epoch(run, state, epoch, start, sums, last,
                                     run.built.frozen_step if frozen else run.built.train_step)
@@ -345,7 +375,9 @@ def train_and_evaluate(
             checkpoint is kept.
         DivergedError: The loss or the state became non-finite; the previous checkpoint is
             kept and nothing was saved after it.
-        KeyboardInterrupt: After any pending checkpoint save has finished.
+        KeyboardInterrupt: After any pending checkpoint save has finished
+            (:class:`train.errors.Terminated` for a SIGTERM received during a save, or
+            anywhere inside :func:`terminate_like_interrupt`).
     """
     t0 = time.perf_counter()
     validate(config)

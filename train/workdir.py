@@ -124,7 +124,11 @@ class WorkdirLock:
             StorageError: The workdir cannot be created or written.
         """
         with storage_errors("cannot use --workdir", self.workdir):
-            self.workdir.mkdir(parents=True, exist_ok=True)
+            try:
+                self.workdir.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:  # Something that is not a directory is in the way.
+                raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR),
+                                         str(self.workdir)) from None
         with storage_errors("cannot create the lock file", self.path):
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
