@@ -19,8 +19,9 @@ What the backward pass keeps, per layer (besides per-feature vectors):
   statistics: ``dx = w * (g' - mean(g') - xhat * mean(xhat * g'))`` with ``g'`` the
   cotangent after the activation, nonzero terms at every position), so ``x`` is kept; the
   activation's mask comes from the output, which the next layer keeps anyway. Compared
-  with ``relu(batch_norm(x) + residual)`` differentiated op by op, this saves the
-  activation's own residual (its mask or its input) and the sum's.
+  with ``relu(batch_norm(x) + residual)`` differentiated op by op, this saves ReLU's own
+  residual (its mask) where the compiler keeps one; XLA:CPU already derives the mask from
+  the kept output, so there the two keep the same tensors.
 * any other elementwise function: ``x`` and the residual; the pre-activation is
   recomputed from them in the backward pass and the function differentiated there. This
   saves nothing over the unfused chain but the activation's own residuals.
