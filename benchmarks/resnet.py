@@ -109,6 +109,9 @@ def flax_resnet(name: str, *, norm: str, dtype: Any, width: int = 64,
 
     if name not in SPECS:
         raise ValueError(f"model: expected one of {sorted(SPECS)}, got {name!r}")
+    if norm in FUSED:
+        return fused_resnet(name, activation=FUSED[norm], dtype=dtype, width=width,
+                            blocks=blocks)
     norms = {"flax": nn.BatchNorm, "jaxbn": jaxbn.linen.BatchNorm}
     if norm not in norms:
         raise ValueError(f"norm: expected one of {sorted(norms)}, got {norm!r}")
@@ -159,6 +162,73 @@ def _block(x, kind: str, features: int, strides: int, conv: Callable, bn: Callab
     if strides != 1 or x.shape[-1] != out:
         x = bn()(conv(out, (1, 1), strides=s)(x))
     return nn.relu(y + x)
+
+
+#: Fused BatchNorm choices of :func:`flax_resnet`: every BN -> ReLU, every BN -> + shortcut
+#: -> ReLU, and the shortcut's BN as one ``jaxbn.linen.BatchNormAct`` with this activation.
+#: ``fused`` is the same model as ``flax`` and ``jaxbn``; ``inplace`` is In-Place ABN's
+#: (leaky ReLU, slope 0.01), which keeps only each layer's output for the backward pass.
+FUSED = {"fused": "relu", "inplace": "leaky_relu"}
+
+
+def fused_resnet(name: str, *, activation: str, dtype: Any, width: int = 64,
+                 blocks: int | None = None) -> Any:
+    """:func:`flax_resnet` with ``jaxbn.linen.BatchNormAct`` fusing BN, shortcut and activation.
+
+    The same convolutions in the same order; each ``relu(bn(conv(x)))`` is
+    ``BatchNormAct(activation)(conv(x))``, each block's ``relu(bn(conv(y)) + shortcut)`` is
+    ``BatchNormAct(activation)(conv(y), shortcut)``, and a projection shortcut's BN is a
+    ``BatchNormAct`` with ``activation="identity"``.
+    """
+    import flax.linen as nn
+    import jax.numpy as jnp
+
+    import jaxbn.linen
+
+    kind, stage_blocks, stem, _, _ = SPECS[name]
+    if blocks is not None:
+        stage_blocks = (blocks,) * len(stage_blocks)
+
+    class FusedResNet(nn.Module):
+        @nn.compact
+        def __call__(self, x, *, train: bool):
+            conv = functools.partial(nn.Conv, use_bias=False, dtype=dtype,
+                                     param_dtype=jnp.float32)
+            bn = functools.partial(jaxbn.linen.BatchNormAct, use_running_average=not train,
+                                   momentum=BN_MOMENTUM, epsilon=BN_EPSILON, dtype=dtype,
+                                   activation=activation)
+            if stem == "cifar":
+                x = bn()(conv(width, (3, 3), padding=((1, 1), (1, 1)))(x))
+            else:
+                x = bn()(conv(width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)))(x))
+                x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+            for stage, n in enumerate(stage_blocks):
+                features = width * 2**stage
+                for i in range(n):
+                    strides = 2 if stage > 0 and i == 0 else 1
+                    x = _fused_block(x, kind, features, strides, conv, bn)
+            x = jnp.mean(x, axis=(1, 2))
+            return nn.Dense(NUM_CLASSES, dtype=dtype, param_dtype=jnp.float32)(x)
+
+    return FusedResNet()
+
+
+def _fused_block(x, kind: str, features: int, strides: int, conv: Callable, bn: Callable):
+    """:func:`_block` with each BN and what follows it as one ``BatchNormAct``."""
+    pad = ((1, 1), (1, 1))
+    s = (strides, strides)
+    if kind == "basic":
+        out = features
+        y = bn()(conv(features, (3, 3), strides=s, padding=pad)(x))
+        y = conv(features, (3, 3), padding=pad)(y)
+    else:
+        out = 4 * features
+        y = bn()(conv(features, (1, 1))(x))
+        y = bn()(conv(features, (3, 3), strides=s, padding=pad)(y))
+        y = conv(out, (1, 1))(y)
+    if strides != 1 or x.shape[-1] != out:
+        x = bn(activation="identity")(conv(out, (1, 1), strides=s)(x))
+    return bn()(y, x)
 
 
 def make_step(model: Any) -> tuple[Callable, Any]:
@@ -467,6 +537,153 @@ def show(paths: Sequence[Path]) -> dict[str, Any]:
     return data
 
 
+# ----------------------------------------------------------------------------------------
+# --fused: BatchNorm fused with its activation and the residual add (jaxbn.linen.BatchNormAct).
+
+
+def _compile_memory(model: Any, batch: int, size: int) -> dict[str, Any]:
+    """Compiles ``model``'s step at ``batch`` (no run): its memory, from ``memory_analysis``.
+
+    ``total`` is what the step holds at its peak: temporaries plus arguments (the step
+    donates its state, so every output but the loss reuses an argument's buffer).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.ShapeDtypeStruct((batch, size, size, 3), jnp.float32)
+    labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    step, tx = make_step(model)
+    variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0),
+                               x)
+    opt_state = jax.eval_shape(tx.init, variables["params"])
+    mem = step.lower(variables["params"], variables["batch_stats"], opt_state, x,
+                     labels).compile().memory_analysis()
+    total = mem.temp_size_in_bytes + mem.argument_size_in_bytes
+    return {"batch": batch, "temp_bytes": int(mem.temp_size_in_bytes), "total_bytes": int(total)}
+
+
+def _max_batch(model: Any, size: int, budget: int, at: dict[str, Any]) -> dict[str, Any]:
+    """The largest batch whose step's ``total`` memory fits ``budget`` (compile only).
+
+    Memory is affine in the batch: fitted through ``at`` (one compiled batch) and half that
+    batch, the prediction is then checked by compiling it, and stepped down by 2% until it
+    fits (or up while the next batch fits). Returns the batch and the compiles it took.
+    """
+    half = _compile_memory(model, max(at["batch"] // 2, 1), size)
+    slope = (at["total_bytes"] - half["total_bytes"]) / max(at["batch"] - half["batch"], 1)
+    b = max(int((budget - (at["total_bytes"] - slope * at["batch"])) / max(slope, 1)), 1)
+    checked = [half]
+    mem = _compile_memory(model, b, size)
+    checked.append(mem)
+    while mem["total_bytes"] > budget and b > 1:
+        b = max(int(b * 0.98), 1)
+        mem = _compile_memory(model, b, size)
+        checked.append(mem)
+    return {"max_batch": b, "checked": checked}
+
+
+def run_fused_config(name: str, dtype_name: str, args: argparse.Namespace,
+                     guard: harness.LoadGuard) -> dict[str, Any]:
+    """Memory, time and the largest batch in a budget: flax, jaxbn, fused and inplace.
+
+    ``fused`` (ReLU, the same model) and ``inplace`` (leaky ReLU, In-Place ABN) are the
+    :data:`FUSED` choices of :func:`flax_resnet`. Temporary memory is relative to flax's;
+    time is relative to unfused jaxbn's (paired rounds, :func:`harness.interleaved`); the
+    budget is flax's whole step at the batch given, so flax's largest batch is that batch.
+    """
+    import jax.numpy as jnp
+    import numpy as np
+
+    _, _, _, size, batch = SPECS[name]
+    size, batch = args.size or size, args.batch or batch
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(0.0, 1.0, (batch, size, size, 3)).astype(np.float32))
+    labels = jnp.asarray(rng.integers(0, NUM_CLASSES, batch).astype(np.int32))
+    dtype = jnp.dtype(dtype_name)
+    rec: dict[str, Any] = {"model": name, "dtype": dtype_name, "batch": batch}
+    runners: dict[str, Callable[[], None]] = {}
+    models = {}
+    for norm in ("flax", "jaxbn", *FUSED):
+        models[norm] = flax_resnet(name, norm=norm, dtype=dtype, width=args.width,
+                                   blocks=args.blocks)
+        r = _jax_runner(models[norm], x, labels)
+        runner = r.pop("run")
+        if norm != "flax":
+            runners[norm] = runner
+        r["total_bytes"] = r["temp_bytes"] + r["argument_bytes"]
+        rec[norm] = r
+    # fused is the same model as jaxbn: the same first loss to float rounding.
+    a, b = rec["fused"]["first_loss"], rec["jaxbn"]["first_loss"]
+    rec["fused_loss_agrees"] = bool(abs(a - b) <= (1e-5 if dtype_name == "float32" else 1e-2)
+                                    * max(1.0, abs(b)))
+    res = harness.interleaved(runners, "jaxbn", rounds=args.rounds, warmup=args.warmup,
+                              sample_s=args.sample_ms / 1e3, max_inner=args.max_inner,
+                              guard=guard, label=f"{name} {dtype_name} fused")
+    rec.update(res.stats())
+    rec["reliable"] = all(f <= guard.max_foreign_cores for f in res.foreign_cores)
+    budget = rec["flax"]["total_bytes"]
+    rec["budget_bytes"] = budget
+    for norm in FUSED:
+        at = {"batch": batch, "total_bytes": rec[norm]["total_bytes"]}
+        rec[norm].update(_max_batch(models[norm], size, budget, at))
+    return rec
+
+
+def print_fused_table(data: dict[str, Any], out=sys.stdout) -> None:
+    """The --fused results: memory and batch relative to flax, time relative to jaxbn."""
+    print(f"\n== ResNet step with BatchNorm fused into BatchNormAct on "
+          f"{harness.machine_name(data['meta']['machine'])}; reliable="
+          f"{data['meta']['reliable']}", file=out)
+    print("   temp = compiled step's temporary MiB (ratio to flax's); time = median of paired "
+          "rounds / unfused jaxbn's [q1, q3]; max batch = largest batch whose whole step "
+          "fits flax's at the given batch (ratio to it)", file=out)
+    head = ["model", "dtype", "batch", "variant", "temp MiB", "temp/flax", "ms",
+            "time/jaxbn [q1, q3]", "max batch", "batch/flax"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in data["results"]:
+        for norm in ("flax", "jaxbn", *FUSED):
+            v = r[norm]
+            ratio = r["ratio"].get(norm, {})
+            time_cell = "-"
+            if norm == "jaxbn":
+                time_cell = "1"
+            elif ratio:
+                time_cell = (f"{1 / ratio['median']:.3f} [{1 / ratio['q3']:.2f}, "
+                             f"{1 / ratio['q1']:.2f}]")
+            ms = r["ms"].get(norm, {}).get("median")
+            mb = {"flax": r["batch"]}.get(norm, v.get("max_batch"))
+            lines.append("| " + " | ".join([
+                r["model"], r["dtype"], str(r["batch"]), norm,
+                f"{v['temp_bytes'] / 2**20:.1f}",
+                f"{v['temp_bytes'] / max(r['flax']['temp_bytes'], 1):.2f}",
+                harness.fmt(ms, ".0f"), time_cell, str(mb) if mb else "-",
+                f"{mb / r['batch']:.2f}" if mb else "-"]) + " |")
+    print("\n".join(lines), file=out)
+
+
+def fused_main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str, Any]:
+    """``--fused``: :func:`run_fused_config` for every model and dtype, one table."""
+    meta, threads, platform, _, _ = harness.start_model_run(args)
+    if args.sample_ms is None:
+        args.sample_ms = meta["args"]["sample_ms"] = 1.0 if platform == "cpu" else 50.0
+    guard = harness.LoadGuard()
+    meta["probe"] = guard.probe()
+    records: list[dict[str, Any]] = []
+    for name in filter(None, args.models.split(",")):
+        for dtype_name in filter(None, args.dtypes.split(",")):
+            t0 = time.perf_counter()
+            records.append(run_fused_config(name, dtype_name, args, guard))
+            print(f"  {name} {dtype_name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    meta.update(guard=guard.report(), complete=True)
+    meta["reliable"] = meta["guard"]["reliable"]
+    data = {"meta": meta, "results": records}
+    print_fused_table(data)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(data, indent=1))
+    print(f"# wrote {args.json}", flush=True)
+    return data
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -484,8 +701,14 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="minimum length of one timing sample (default 1 on CPU, 50 on GPU)")
     ap.add_argument("--compile-time", action="store_true",
                     help="measure compile times in fresh processes (benchmarks.compile_time)")
+    ap.add_argument("--fused", action="store_true",
+                    help="instead: flax, jaxbn and the fused BatchNormAct variants (fused, "
+                         "inplace): temporary memory, time against jaxbn, and the largest "
+                         "batch within flax's memory (JSON default: results/resnet_fused.json)")
     harness.add_model_args(ap, DEFAULT_JSON)
     args = ap.parse_args(argv)
+    if args.fused and args.json == DEFAULT_JSON:
+        args.json = DEFAULT_JSON.with_name("resnet_fused.json")
     if args.quick:
         args.width, args.blocks = QUICK["width"], QUICK["blocks"]
         args.size, args.batch = args.size or QUICK["size"], args.batch or QUICK["batch"]
@@ -500,6 +723,8 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = _parse(argv)
+    if args.fused:
+        return fused_main(args, argv)
     if args.show:
         return show(args.show)
     if args.compile_time:

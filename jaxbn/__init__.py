@@ -35,6 +35,7 @@ from jaxbn.core import (
     normalize,
     update_stats,
 )
+from jaxbn.fused import batch_norm_act
 from jaxbn.precise import precise_batch_stats
 from jaxbn.variants import batch_renorm, ghost_batch_norm
 
@@ -55,6 +56,7 @@ __all__ = [
     "BatchStats",
     "Moments",
     "batch_norm",
+    "batch_norm_act",
     "batch_renorm",
     "feature_axes",
     "fold",

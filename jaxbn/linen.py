@@ -7,6 +7,7 @@ one-line import change, and flax checkpoints load unchanged.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
@@ -18,7 +19,7 @@ from jax.nn import initializers
 
 from jaxbn import _modules, core
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "BatchNormAct"]
 
 Dtype = Any
 Initializer = Any
@@ -154,48 +155,134 @@ class BatchNorm(nn.Module):
             missing, and for whatever :func:`jaxbn.batch_norm` rejects (but one value per
             feature, which is allowed here as in flax).
         """
-        use_running_average = merge_param(
-            "use_running_average", self.use_running_average, use_running_average
-        )
-        training = not bool(use_running_average)
-        x = jnp.asarray(x)
-        feats = core.feature_axes(x.ndim, self.axis)
-        feature_shape = tuple(x.shape[a] for a in feats)
-        stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        return _call(self, x, use_running_average, mask, _modules.apply)
 
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, feature_shape, stats_dtype)
-        ra_var = self.variable("batch_stats", "var", jnp.ones, feature_shape, stats_dtype)
-        count = _count_variable(self, training)
 
-        scale = (
-            self.param("scale", self.scale_init, feature_shape, self.param_dtype)
-            if self.use_scale
-            else None
-        )
-        bias = (
-            self.param("bias", self.bias_init, feature_shape, self.param_dtype)
-            if self.use_bias
-            else None
-        )
-        # flax's output dtype: promoted from the input and the parameters that exist.
-        out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=self.dtype)
-        if not jnp.issubdtype(x.dtype, jnp.inexact):
-            x = x.astype(out_dtype)  # flax promotes integer inputs too
-        stats = core.BatchStats(
-            ra_mean.value,
-            ra_var.value,
-            count.value if count is not None else jnp.zeros((), jnp.int32),
-        )
-        initializing = self.is_initializing()
-        y, new_stats = _modules.apply(self, x, _modules.params(scale, bias), stats,
-                                      training=training, mask=mask, dtype=out_dtype,
-                                      initializing=initializing)
-        if training and not initializing:
-            ra_mean.value = new_stats.mean
-            ra_var.value = new_stats.var
-            if count is not None:
-                count.value = new_stats.count
-        return y
+class BatchNormAct(BatchNorm):
+    """BatchNorm, residual add and activation in one layer: :func:`jaxbn.batch_norm_act`.
+
+    ``BatchNormAct(...)(x, residual)`` computes ``activation(BatchNorm(...)(x) +
+    residual)`` with the memory-saving derivative rule of :mod:`jaxbn.fused`. It takes
+    every field of :class:`BatchNorm` and has the same variables (``params/scale``,
+    ``params/bias``, ``batch_stats/mean``, ``batch_stats/var``), so a model's
+    ``BatchNorm(name=n)`` followed by ``nn.relu`` and its ``BatchNormAct(name=n)`` share
+    checkpoints. With ``renorm`` or ``virtual_batch_size`` the chain runs unfused (same
+    result, no memory saving). :func:`jaxbn.precise_linen.precise_batch_stats` treats it
+    as a BatchNorm, and :func:`jaxbn.fold` folds its variables as a BatchNorm's:
+    inference is ``activation(x * a + b + residual)``.
+
+    Attributes:
+      activation: ``"relu"``, ``"leaky_relu"``, ``"identity"`` or an elementwise callable
+        (see :func:`jaxbn.batch_norm_act` for what each keeps for the backward pass).
+      negative_slope: ``"leaky_relu"``'s slope for negative inputs.
+
+    Example:
+
+    A ResNet block's end, ``relu(bn(h) + x)`` (here ``h`` is ``x`` itself):
+
+    >>> import jax, jax.numpy as jnp
+    >>> from jaxbn.linen import BatchNormAct
+    >>> x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
+    >>> bn = BatchNormAct(use_running_average=False, momentum=0.9)
+    >>> variables = bn.init(jax.random.key(1), x, x)
+    >>> y, updates = bn.apply(variables, x, x, mutable=["batch_stats"])
+    >>> bool((y >= 0).all()), jax.tree.map(jnp.shape, variables["params"])
+    (True, {'bias': (16,), 'scale': (16,)})
+    """
+
+    activation: str | Callable[[jax.Array], jax.Array] = "relu"
+    negative_slope: float = 0.01
+
+    @nn.compact
+    def __call__(  # type: ignore[override]
+        self,
+        x: jax.typing.ArrayLike,
+        residual: jax.typing.ArrayLike | None = None,
+        use_running_average: bool | None = None,
+        *,
+        mask: jax.typing.ArrayLike | None = None,
+    ) -> jax.Array:
+        """``activation(normalized x + residual)`` with batch or running statistics.
+
+        Args:
+          x: the input to normalize.
+          residual: an array of the shape of ``x`` added before the activation, or
+            ``None``.
+          use_running_average: as in :meth:`BatchNorm.__call__`.
+          mask: as in :meth:`BatchNorm.__call__`.
+
+        Returns:
+          The activated output, of the shape of ``x``.
+
+        Raises:
+          TypeError: for a bool ``residual`` (``use_running_average`` passed in its place).
+          ValueError: for whatever :class:`BatchNorm` or :func:`jaxbn.batch_norm_act`
+            rejects.
+        """
+        if isinstance(residual, bool):
+            raise TypeError(
+                "residual must be an array or None, got a bool; pass use_running_average by "
+                "keyword (BatchNormAct's second argument is the residual).")
+
+        def run(module: BatchNormAct, x: jax.Array, params: Any, stats: core.BatchStats,
+                **kw: Any) -> tuple[jax.Array, core.BatchStats]:
+            return _modules.apply_act(module, x, residual, params, stats,
+                                      activation=module.activation,
+                                      negative_slope=module.negative_slope, **kw)
+
+        return _call(self, x, use_running_average, mask, run)
+
+
+def _call(module: BatchNorm, x: jax.typing.ArrayLike, use_running_average: bool | None,
+          mask: jax.typing.ArrayLike | None, run: Callable[..., Any]) -> jax.Array:
+    """A BatchNorm call: flax's variables in, ``run``'s arithmetic, updated statistics out.
+
+    A function, not a method (see :func:`_count_variable`). ``run`` is
+    :func:`jaxbn._modules.apply` or a partial application of
+    :func:`jaxbn._modules.apply_act`.
+    """
+    use_running_average = merge_param(
+        "use_running_average", module.use_running_average, use_running_average
+    )
+    training = not bool(use_running_average)
+    x = jnp.asarray(x)
+    feats = core.feature_axes(x.ndim, module.axis)
+    feature_shape = tuple(x.shape[a] for a in feats)
+    stats_dtype = jnp.float32 if module.force_float32_reductions else module.param_dtype
+
+    ra_mean = module.variable("batch_stats", "mean", jnp.zeros, feature_shape, stats_dtype)
+    ra_var = module.variable("batch_stats", "var", jnp.ones, feature_shape, stats_dtype)
+    count = _count_variable(module, training)
+
+    scale = (
+        module.param("scale", module.scale_init, feature_shape, module.param_dtype)
+        if module.use_scale
+        else None
+    )
+    bias = (
+        module.param("bias", module.bias_init, feature_shape, module.param_dtype)
+        if module.use_bias
+        else None
+    )
+    # flax's output dtype: promoted from the input and the parameters that exist.
+    out_dtype = dtypes.canonicalize_dtype(x, scale, bias, dtype=module.dtype)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        x = x.astype(out_dtype)  # flax promotes integer inputs too
+    stats = core.BatchStats(
+        ra_mean.value,
+        ra_var.value,
+        count.value if count is not None else jnp.zeros((), jnp.int32),
+    )
+    initializing = module.is_initializing()
+    y, new_stats = run(module, x, _modules.params(scale, bias), stats, training=training,
+                       mask=mask, dtype=out_dtype, initializing=initializing)
+    if training and not initializing:
+        ra_mean.value = new_stats.mean
+        ra_var.value = new_stats.var
+        if count is not None:
+            count.value = new_stats.count
+    out: jax.Array = y
+    return out
 
 
 def _count_variable(module: BatchNorm, training: bool) -> Any:

@@ -8,7 +8,7 @@ has the same structure with either module, so checkpoints are interchangeable.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
 
@@ -20,7 +20,7 @@ from flax.nnx.nn import dtypes, initializers
 
 from jaxbn import _modules, core
 
-__all__ = ["BatchNorm"]
+__all__ = ["BatchNorm", "BatchNormAct"]
 
 Dtype = Any
 Initializer = Any
@@ -209,6 +209,15 @@ class BatchNorm(nnx.Module):
             for whatever :func:`jaxbn.batch_norm` rejects (but one value per feature,
             which is allowed here as in flax).
         """
+        return self._forward(x, use_running_average, mask, _modules.apply)
+
+    def _forward(self, x: jax.typing.ArrayLike, use_running_average: bool | None,
+                 mask: jax.typing.ArrayLike | None, run: Callable[..., Any]) -> jax.Array:
+        """One call: the attributes in, ``run``'s arithmetic, the statistics updated.
+
+        ``run`` is :func:`jaxbn._modules.apply` or a partial application of
+        :func:`jaxbn._modules.apply_act`.
+        """
         use_running_average = first_from(
             use_running_average, self.use_running_average, error_msg=_NO_MODE
         )
@@ -232,8 +241,8 @@ class BatchNorm(nnx.Module):
             self.var[...],
             count[...] if count is not None else jnp.zeros((), jnp.int32),
         )
-        y, new_stats = _modules.apply(self, x, _modules.params(scale, bias), stats,
-                                      training=training, mask=mask, dtype=out_dtype)
+        y, new_stats = run(self, x, _modules.params(scale, bias), stats, training=training,
+                           mask=mask, dtype=out_dtype)
         if training:
             mean = new_stats.mean
             if jnp.iscomplexobj(mean) and not jnp.iscomplexobj(self.mean[...]):
@@ -242,7 +251,8 @@ class BatchNorm(nnx.Module):
             self.var[...] = new_stats.var
             if count is not None:
                 count[...] = new_stats.count
-        return y
+        out: jax.Array = y
+        return out
 
     def set_view(self, use_running_average: bool | None = None) -> None:
         """Class method used by ``nnx.view``.
@@ -254,3 +264,77 @@ class BatchNorm(nnx.Module):
         if use_running_average is not None:
             self.use_running_average = use_running_average
 
+
+
+class BatchNormAct(BatchNorm):
+    """BatchNorm, residual add and activation in one layer: :func:`jaxbn.batch_norm_act`.
+
+    ``bn(x, residual)`` computes ``activation(BatchNorm(...)(x) + residual)`` with the
+    memory-saving derivative rule of :mod:`jaxbn.fused`. It takes every argument of
+    :class:`BatchNorm` and has the same attributes (``scale``, ``bias``, ``mean``,
+    ``var``), so ``nnx.state`` of a model is the same with a ``BatchNorm`` followed by
+    ``nnx.relu`` in its place, and checkpoints are interchangeable. With ``renorm`` or
+    ``virtual_batch_size`` the chain runs unfused (same result, no memory saving).
+    :func:`jaxbn.precise_nnx.precise_batch_stats` treats it as a BatchNorm, and
+    :func:`jaxbn.fold` folds its statistics as a BatchNorm's: inference is
+    ``activation(x * a + b + residual)``.
+
+    Args:
+      num_features: number of features ``C``.
+      activation: ``"relu"``, ``"leaky_relu"``, ``"identity"`` or an elementwise callable
+        (see :func:`jaxbn.batch_norm_act` for what each keeps for the backward pass).
+      negative_slope: ``"leaky_relu"``'s slope for negative inputs.
+      **kwargs: every other argument of :class:`BatchNorm` (``rngs`` included).
+
+    Example:
+
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> from jaxbn.nnx import BatchNormAct
+    >>> bn = BatchNormAct(16, momentum=0.9, rngs=nnx.Rngs(0))
+    >>> x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
+    >>> y = bn(x, x)  # relu(bn(x) + x), running statistics updated
+    >>> bool((y >= 0).all()), sorted(nnx.state(bn).keys())
+    (True, ['bias', 'mean', 'scale', 'var'])
+    """
+
+    def __init__(self, num_features: int | Sequence[int], *,
+                 activation: str | Callable[[jax.Array], jax.Array] = "relu",
+                 negative_slope: float = 0.01, **kwargs: Any):
+        super().__init__(num_features, **kwargs)
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def __call__(  # type: ignore[override]
+        self, x: jax.typing.ArrayLike, residual: jax.typing.ArrayLike | None = None,
+        use_running_average: bool | None = None, *, mask: jax.typing.ArrayLike | None = None,
+    ) -> jax.Array:
+        """``activation(normalized x + residual)`` with batch or running statistics.
+
+        Args:
+          x: the array to normalize, features along ``axis``.
+          residual: an array of the shape of ``x`` added before the activation, or
+            ``None``.
+          use_running_average: as in :meth:`BatchNorm.__call__`.
+          mask: as in :meth:`BatchNorm.__call__`.
+
+        Returns:
+          The activated output, of the shape of ``x``.
+
+        Raises:
+          TypeError: for a bool ``residual`` (``use_running_average`` passed in its place).
+          ValueError: for whatever :class:`BatchNorm` or :func:`jaxbn.batch_norm_act`
+            rejects.
+        """
+        if isinstance(residual, bool):
+            raise TypeError(
+                "residual must be an array or None, got a bool; pass use_running_average by "
+                "keyword (BatchNormAct's second argument is the residual).")
+
+        def run(module: BatchNormAct, x: jax.Array, params: Any, stats: core.BatchStats,
+                **kw: Any) -> tuple[jax.Array, core.BatchStats]:
+            return _modules.apply_act(module, x, residual, params, stats,
+                                      activation=module.activation,
+                                      negative_slope=module.negative_slope, **kw)
+
+        return self._forward(x, use_running_average, mask, run)

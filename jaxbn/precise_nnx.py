@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import threading
 from collections.abc import Callable
 from typing import Any, TypeAlias
@@ -29,12 +30,18 @@ _Layer: TypeAlias = nnx.BatchNorm | BatchNorm
 _ACTIVE = threading.local()
 
 
-def _record(base: type, layer: _Layer, x: jax.typing.ArrayLike, use_running_average: bool | None,
-            mask: jax.typing.ArrayLike | None) -> Any:
-    """Records the moments ``layer`` normalizes ``x`` with, then calls ``base``'s ``__call__``."""
+def _record(base: type, layer: _Layer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """Records the moments ``layer`` normalizes its input with, then runs ``base.__call__``.
+
+    The call's arguments are bound to ``base.__call__``'s signature, so that layers with
+    more arguments (:class:`jaxbn.nnx.BatchNormAct`'s residual) pass them through.
+    """
     records, axis_name = _ACTIVE.value
-    if use_running_average:  # frozen by the forward pass itself: left alone
-        return base.__call__(layer, x, True, mask=mask)
+    bound = inspect.signature(base.__call__).bind(layer, *args, **kwargs)
+    x = bound.arguments["x"]
+    mask = bound.arguments.get("mask")
+    if bound.arguments.get("use_running_average"):  # frozen by the forward pass: left alone
+        return base.__call__(*bound.args, **bound.kwargs)
     # The layer's own dtype promotion decides what its statistics are computed from.
     scale = layer.scale[...] if layer.scale is not None else None
     bias = layer.bias[...] if layer.bias is not None else None
@@ -45,16 +52,16 @@ def _record(base: type, layer: _Layer, x: jax.typing.ArrayLike, use_running_aver
                      axis_name=layer.axis_name, axis_index_groups=layer.axis_index_groups,
                      fast_variance=layer.use_fast_variance)
     records[id(layer)].append(precise._merge_unsynced(m, axis_name, layer.axis_name))
-    return base.__call__(layer, x, False, mask=mask)
+    bound.arguments["use_running_average"] = False
+    return base.__call__(*bound.args, **bound.kwargs)
 
 
 @functools.cache
 def _recording(base: type) -> type:
     """A subclass of ``base`` whose call records the batch moments, then runs ``base``."""
 
-    def __call__(self: _Layer, x: jax.typing.ArrayLike, use_running_average: bool | None = None,
-                 *, mask: jax.typing.ArrayLike | None = None) -> Any:
-        return _record(base, self, x, use_running_average, mask)
+    def __call__(self: _Layer, *args: Any, **kwargs: Any) -> Any:
+        return _record(base, self, args, kwargs)
 
     return type(f"Recording{base.__name__}", (base,), {"__call__": __call__})
 

@@ -216,3 +216,23 @@ def test_compile_time_gpu_diagnostics_dry_run():
     assert compile_time.VARIANTS["autotune0"][1] == {"xla_gpu_autotune_level": 0}
     assert float(gpu_args[gpu_args.index("--budget-s") + 1]) < limit
     assert sum(b[3] for b in gpu.BENCHMARKS.values()) <= gpu.BUDGET_S
+
+
+def test_fused_resnet_is_the_jaxbn_resnet():
+    """benchmarks.resnet's 'fused' choice: the same model (variables, first loss) as 'jaxbn'."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(4, 16, 16, 3)), jnp.float32)
+    labels = jnp.arange(4, dtype=jnp.int32)
+    losses, shapes = {}, {}
+    for norm in ("jaxbn", "fused"):
+        model = resnet.flax_resnet("resnet18", norm=norm, dtype=jnp.float32, width=4, blocks=1)
+        step, tx = resnet.make_step(model)
+        v = resnet.init_variables(model, x)
+        shapes[norm] = sorted(a.shape for a in jax.tree.leaves(v["params"]))
+        losses[norm] = float(step(v["params"], v["batch_stats"], tx.init(v["params"]), x,
+                                  labels)[3])
+    assert shapes["fused"] == shapes["jaxbn"]
+    np.testing.assert_allclose(losses["fused"], losses["jaxbn"], rtol=1e-6)

@@ -323,9 +323,20 @@ def test_fast_conv_trains_like_flax_conv(straight, idx_dir, tmp_path):
     _same_metrics(flax_conv, fast_conv, rtol=1e-4, atol=1e-5)
 
 
+def test_fused_bn_trains_like_unfused(straight, idx_dir, tmp_path):
+    """--fused-bn: the same run to float rounding (two epochs; the losses are averages of
+    float32 sums, and 16 SGD steps compound their rounding, hence 1e-4 relative)."""
+    unfused, _, unfused_dir = straight
+    fused = lenet.main(_args(idx_dir, tmp_path / "fused", "--fused-bn"))
+    assert fused["test_accuracy"] == unfused["test_accuracy"]
+    _same_metrics(fused, unfused, rtol=1e-4, atol=1e-6)
+    _same_params(tmp_path / "fused", unfused_dir, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
+        (["--fused-bn", "--norm", "flax"], "--fused-bn fuses jaxbn's BN with the activation"),
         (["--devices", 3], "--batch-size 32 must be divisible by --devices 3"),
         (["--devices", 16], "--devices 16: expected 16 devices, got 8 (cpu). For fake CPU "
                             "devices, start Python with XLA_FLAGS="),

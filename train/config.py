@@ -160,6 +160,10 @@ class Config:
                                     f"{FREEZE_IMAGES} if 0) when they start and fixed from "
                                     "then on. 0: off", check=_non_negative_int,
                                     compiled=False)
+    fused_bn: bool = _option(False, "fuse each BN with the activation after it "
+                             "(jaxbn.linen.BatchNormAct: same results, less memory); needs "
+                             "--norm jaxbn and --bn-position before_relu",
+                             resume=Resume.ALLOW)
     conv: str = _option("fast", "fast: train.conv (im2col, custom VJP; fastest on CPU); "
                         "flax: flax.linen.Conv", choices=CONVS)
     seed: int = _option(0, "initialization and data-order seed", check=_seed, compiled=False)
@@ -252,6 +256,11 @@ def validate(config: Config) -> None:
         raise ConfigError(
             f"{flag} needs Batch Normalization: expected --norm jaxbn or flax, got --norm none"
         )
+    if config.fused_bn and (config.norm, config.bn_position) != ("jaxbn", "before_relu"):
+        raise ConfigError(
+            f"--fused-bn fuses jaxbn's BN with the activation after it: expected --norm jaxbn "
+            f"--bn-position before_relu, got --norm {config.norm} --bn-position "
+            f"{config.bn_position}")
     if config.batch_size % config.devices:
         raise ConfigError(
             f"--batch-size {config.batch_size} must be divisible by --devices "

@@ -129,6 +129,10 @@ class LeNet(nn.Module):
             tuple of ``(name, value)`` pairs.
         conv: ``'flax'`` (:class:`flax.linen.Conv`) or ``'fast'``
             (:class:`train.conv.Conv`, the same variables).
+        fused_bn: Each BN and the activation after it as one
+            :class:`jaxbn.linen.BatchNormAct` (the same variables and results, less memory
+            kept for the backward pass); needs ``norm='jaxbn'`` and
+            ``bn_position='before_relu'``.
 
     Example:
         >>> import jax, jax.numpy as jnp
@@ -149,12 +153,18 @@ class LeNet(nn.Module):
     axis_name: str | None = None
     bn_kwargs: Any = None
     conv: str = "flax"
+    fused_bn: bool = False
 
     def _check(self) -> None:
         _check_choice("norm", self.norm, NORMS)
         _check_choice("bn_position", self.bn_position, BN_POSITIONS)
         _check_choice("activation", self.activation, tuple(ACTIVATIONS))
         _check_choice("conv", self.conv, CONVS)
+        if self.fused_bn and (self.norm, self.bn_position) != ("jaxbn", "before_relu"):
+            raise ValueError(
+                f"LeNet.fused_bn: fuses jaxbn's BN with the activation after it, so it needs "
+                f"norm='jaxbn' and bn_position='before_relu', got norm={self.norm!r} and "
+                f"bn_position={self.bn_position!r}")
 
     def _norm(self, name: str, train: bool) -> Callable[[jax.Array], jax.Array]:
         """The BN layer called ``name`` (an identity for ``norm='none'``)."""
@@ -176,6 +186,13 @@ class LeNet(nn.Module):
         conv_cls = nn.Conv if self.conv == "flax" else Conv
         x = conv_cls(features, (5, 5), padding="VALID", name=conv)(x)
         x = max_pool_2x2(x)
+        if self.fused_bn:
+            # relu by name: its backward pass keeps the output (kept by the pooling anyway)
+            # instead of ReLU's own mask; other activations are recomputed from BN's input.
+            return jaxbn.linen.BatchNormAct(
+                use_running_average=not train, momentum=self.momentum, epsilon=self.epsilon,
+                axis_name=self.axis_name, name=bn, **_as_kwargs(self.bn_kwargs),
+                activation="relu" if self.activation == "relu" else act)(x)
         norm = self._norm(bn, train)
         if self.bn_position == "before_relu":
             return act(norm(x))

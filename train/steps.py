@@ -142,6 +142,7 @@ def make_model(config: Config, num_classes: int) -> LeNet:
         momentum=config.bn_momentum,
         axis_name=None if config.norm == "none" else AXIS,
         conv=config.conv,
+        fused_bn=config.fused_bn,
     )
 
 
