@@ -8,6 +8,7 @@ recomputed from them (``jax.checkpoint``) when JAX transposes it for reverse mod
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple, TypeAlias
 
 import jax
@@ -164,26 +165,7 @@ def _train_tangent(cfg: _TrainConfig, x: Array, mean: Array, inv: Array, w: Arra
     # once (two conversions would round each part of dx to x's dtype first).
     t_all = None if x_dot is None else x_dot.astype(sdt)
     if t_all is not None:
-        t = t_all
-        # Centred, not standardized: inv multiplies the per-feature sums instead, so that
-        # each full-size pass (here and transposed) reads x and one per-feature vector.
-        dev_b = xb.astype(sdt) - bc(mb)
-        if mask is not None:
-            # Transposed, prod's cotangent is zero where masked, times dev_b: a NaN or Inf
-            # there (padding) would turn 0 into NaN. Where-ing dev_b keeps it out.
-            dev_b = jnp.where(mask, dev_b, jnp.zeros((), dev_b.dtype))
-        prod = jnp.conj(dev_b) * t if jnp.iscomplexobj(dev_b) else dev_b * t
-        prod = prod.real if jnp.iscomplexobj(prod) else prod
-        if mask is not None:
-            t = jnp.where(mask, t, jnp.zeros((), t.dtype))
-            prod = jnp.where(mask, prod, jnp.zeros((), prod.dtype))
-        sums = (fsum(t), fsum(prod))
-        if cfg.axis_name is not None:
-            sums = _sync_sum(sums, cfg.axis_name, cfg.groups)
-        c0 = -wn[0] * sums[0]
-        c1 = -wn[1] * sums[1]
-        k0 = c0 if k0 is None else c0 + k0
-        k1 = c1 if k1 is None else c1 + k1
+        k0, k1 = _centring_coefficients(cfg, xb, bc(mb), t_all, mask, wn, fsum, k1, k0)
     k0, k1 = _vary_like((k0, k1), x)
     terms: list[Array] = []
     if t_all is not None:
@@ -207,3 +189,36 @@ def _train_tangent(cfg: _TrainConfig, x: Array, mean: Array, inv: Array, w: Arra
         # dtype before they are summed (in float32).
         terms = [t.astype(sdt) for t in _private(*(t.astype(cfg.dtype) for t in terms))]
     return sum(terms[1:], start=terms[0]).astype(cfg.dtype)
+
+
+def _centring_coefficients(cfg: _TrainConfig, xb: Array, mean_b: Array, t: Array,
+                           mask: Array | None, wn: tuple[Array, Array],
+                           fsum: Callable[[Array], Array], k1: Array | None,
+                           k0: Array | None) -> tuple[Array, Array]:
+    """``k0``, ``k1`` plus the two per-feature terms of the tangent that ``x_dot`` brings.
+
+    ``-w/n * sum(x_dot)`` and ``-w*inv/n * Re(sum(conj(x - mean) * x_dot))`` over the valid
+    elements (synced over ``cfg.axis_name``), ``t`` being ``x_dot`` in the statistics' dtype
+    and ``mean_b`` the mean broadcast against ``xb``.
+    """
+    sdt = mean_b.dtype
+    # Centred, not standardized: inv multiplies the per-feature sums instead, so that
+    # each full-size pass (here and transposed) reads x and one per-feature vector.
+    dev_b = xb.astype(sdt) - mean_b
+    if mask is not None:
+        # Transposed, prod's cotangent is zero where masked, times dev_b: a NaN or Inf
+        # there (padding) would turn 0 into NaN. Where-ing dev_b keeps it out.
+        dev_b = jnp.where(mask, dev_b, jnp.zeros((), dev_b.dtype))
+    prod = jnp.conj(dev_b) * t if jnp.iscomplexobj(dev_b) else dev_b * t
+    prod = prod.real if jnp.iscomplexobj(prod) else prod
+    if mask is not None:
+        t = jnp.where(mask, t, jnp.zeros((), t.dtype))
+        prod = jnp.where(mask, prod, jnp.zeros((), prod.dtype))
+    sums = (fsum(t), fsum(prod))
+    if cfg.axis_name is not None:
+        sums = _sync_sum(sums, cfg.axis_name, cfg.groups)
+    c0 = -wn[0] * sums[0]
+    c1 = -wn[1] * sums[1]
+    k0 = c0 if k0 is None else c0 + k0
+    k1 = c1 if k1 is None else c1 + k1
+    return k0, k1
