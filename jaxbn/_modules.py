@@ -16,7 +16,8 @@ from jax import lax
 
 from jaxbn import _checks, core, fused, variants
 
-__all__ = ["Options", "apply", "apply_act", "count_missing", "params", "synced_moments"]
+__all__ = ["Options", "act_runner", "apply", "apply_act", "count_missing", "params",
+           "synced_moments"]
 
 
 class Options(Protocol):
@@ -309,3 +310,23 @@ def apply_act(
         axis_index_groups=module.axis_index_groups, **common)
     assert fresh is not None
     return out, fresh
+
+
+def act_runner(residual: Any) -> Any:
+    """What a ``BatchNormAct`` module's ``__call__`` runs: :func:`apply_act` with ``residual``
+    and the module's ``activation`` and ``negative_slope``.
+
+    Raises:
+      TypeError: for a bool ``residual`` (``use_running_average`` passed in its place).
+    """
+    if isinstance(residual, bool):
+        raise TypeError(
+            "residual must be an array or None, got a bool; pass use_running_average by "
+            "keyword (BatchNormAct's second argument is the residual).")
+
+    def run(module: Any, x: jax.Array, params: Any, stats: core.BatchStats,
+            **kw: Any) -> tuple[jax.Array, core.BatchStats]:
+        return apply_act(module, x, residual, params, stats, activation=module.activation,
+                         negative_slope=module.negative_slope, **kw)
+
+    return run

@@ -326,15 +326,5 @@ class BatchNormAct(BatchNorm):
           ValueError: for whatever :class:`BatchNorm` or :func:`jaxbn.batch_norm_act`
             rejects.
         """
-        if isinstance(residual, bool):
-            raise TypeError(
-                "residual must be an array or None, got a bool; pass use_running_average by "
-                "keyword (BatchNormAct's second argument is the residual).")
-
-        def run(module: BatchNormAct, x: jax.Array, params: Any, stats: core.BatchStats,
-                **kw: Any) -> tuple[jax.Array, core.BatchStats]:
-            return _modules.apply_act(module, x, residual, params, stats,
-                                      activation=module.activation,
-                                      negative_slope=module.negative_slope, **kw)
-
+        run = _modules.act_runner(residual)
         return self._forward(x, use_running_average, mask, run)
