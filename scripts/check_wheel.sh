@@ -66,8 +66,9 @@ print(f"import jaxbn {jaxbn.__version__} (Python {platform.python_version()}) "
       "without flax or torch: ok")
 EOF
 
-step "the [$extras] extras and pytest"
-pip_install "$wheel${extras:+[$extras]}" pytest
+# flatbuffers: jax.export's serialization, which jaxbn._serialization's doctest runs.
+step "the [$extras] extras, pytest and flatbuffers"
+pip_install "$wheel${extras:+[$extras]}" pytest flatbuffers
 cp "$repo/tests/wheel_smoke.py" "$work/"
 printf '[pytest]\ndoctest_optionflags = NORMALIZE_WHITESPACE ELLIPSIS\n' >"$work/pytest.ini"
 
