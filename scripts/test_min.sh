@@ -3,9 +3,7 @@
 #
 # Creates .venv-min, installs jaxbn's dependencies (extras flax, torch, equinox, haiku, train, test) with every
 # lower bound of pyproject.toml pinned exactly (scripts/min-versions.txt), checks that pip
-# installed those versions, and runs the test suite there, as `make test` does, less the
-# second parity run for another CPU (tests/test_cpu_isa.py: a property of the code, not of
-# the versions). The tests import jaxbn from the checkout. Idempotent: reinstalls only when
+# installed those versions, and runs the test suite there, as `make test` does. The tests import jaxbn from the checkout. Idempotent: reinstalls only when
 # pyproject.toml or scripts/min-versions.txt changed. PYTHON picks the interpreter (default
 # python3); PYTEST_WORKERS and PYTEST_ARGS as for `make test`.
 set -euo pipefail
@@ -28,5 +26,4 @@ wrong = {n: (pins[n], v) for n, v in got.items() if v.split("+")[0] != pins[n]}
 assert not wrong, f"expected the pinned versions, got (pinned, installed): {wrong}"
 print("test-min: " + ", ".join(f"{n} {v}" for n, v in got.items()))
 PY
-exec $venv/bin/python -m pytest -n "${PYTEST_WORKERS:-3}" --dist loadfile \
-  --deselect tests/test_cpu_isa.py ${PYTEST_ARGS:-}
+exec $venv/bin/python -m pytest -n "${PYTEST_WORKERS:-3}" --dist loadfile ${PYTEST_ARGS:-}

@@ -27,10 +27,9 @@ if jax.device_count() < NUM_DEVICES:  # pragma: no cover - a set-up error, not a
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """flax's own BatchNorm tests run in a subprocess. In one pytest process: start it now,
     wait for it last. Under pytest-xdist (``make test``, one file per worker at a time): its
-    file goes first, and so does tests/test_cpu_isa.py's (another subprocess, the longest
-    test), so that workers start them at once while the others take the rest."""
+    file goes first, so that a worker starts it at once while the others take the rest."""
     if hasattr(config, "workerinput"):
-        first = ("tests/test_flax_suite.py", "tests/test_cpu_isa.py")
+        first = ("tests/test_flax_suite.py",)
         items.sort(key=lambda i: not i.nodeid.startswith(first))  # stable: order kept
         return
     flax_suite = [i for i in items if i.nodeid.startswith("tests/test_flax_suite.py")]
