@@ -70,10 +70,10 @@ def _explicit(x: Array, feats: tuple[int, ...]) -> _Explicit | None:
     return _Explicit(mesh, dims, sync) if sync else None
 
 
-def _on_explicit(plan: _Explicit, feats: tuple[int, ...],
-                 fn: Callable[[Array, Array | None, Any, tuple[str, ...]], _R], x: Array,
-                 mask: Array | None, per_feature: Any, x_out: bool) -> _R:
-    """Runs ``fn(x, mask, per_feature, sync_axes)`` per device over ``plan``'s mesh axes.
+def _on_explicit(plan: _Explicit, feats: tuple[int, ...], fn: Callable[..., _R], x: Array,
+                 mask: Array | None, per_feature: Any, x_out: bool,
+                 like_x: tuple[Array | None, ...] = ()) -> _R:
+    """Runs ``fn(x, mask, per_feature, sync_axes, *like_x)`` per device over ``plan``'s axes.
 
     ``fn`` returns ``(full, features)``: an array shaped like ``x`` (when ``x_out``) or
     ``None``, and a pytree of feature-shaped arrays. Feature-shaped inputs are resharded
@@ -96,14 +96,16 @@ def _on_explicit(plan: _Explicit, feats: tuple[int, ...],
                      for a, d in enumerate(plan.dims)))
         mask = place(mask, spec_m)
     out_specs = (spec_x if x_out else None, spec_f)
-    def per_device(x: Array, mask: Array | None, pf: Any) -> _R:
-        return fn(x, mask, pf, plan.sync)
+    def per_device(x: Array, mask: Array | None, pf: Any, *like: Array | None) -> _R:
+        return fn(x, mask, pf, plan.sync, *like)
 
     run = jax.shard_map(
         per_device, mesh=plan.mesh,
-        in_specs=(spec_x, spec_m, jax.tree.map(lambda _: spec_f, per_feature)),
+        in_specs=(spec_x, spec_m, jax.tree.map(lambda _: spec_f, per_feature),
+                  *(None if v is None else spec_x for v in like_x)),
         out_specs=out_specs, axis_names=names)
-    return run(place(x, spec_x), mask, per_feature)
+    return run(place(x, spec_x), mask, per_feature,
+               *(None if v is None else place(v, spec_x) for v in like_x))
 
 
 def _join(axis_name: AxisName | None, groups: Any, sync: tuple[str, ...]) -> AxisName | None:

@@ -51,8 +51,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.custom_derivatives import zero_from_primal
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from jaxbn._autodiff import _live, _train_parts, _TrainConfig
 from jaxbn._checks import (
@@ -70,7 +68,7 @@ from jaxbn._checks import (
     validate,
 )
 from jaxbn._reductions import _sync_sum
-from jaxbn._sharding import _Explicit, _explicit, _join, _vary_like
+from jaxbn._sharding import _explicit, _join, _on_explicit, _vary_like
 from jaxbn._xla_cpu import _fold, _private, _streams, _tile, _wide_view, _widen
 from jaxbn.core import (
     Array,
@@ -350,47 +348,11 @@ def batch_normalize_act(
     per_feature = (None, None) if params is None else tuple(params)
     plan = _explicit(x, feats)
     if plan is not None:
-        return _on_explicit(plan, feats, run, x, r, mask, per_feature)
-    return run(x, r, mask, per_feature, ())
-
-
-def _on_explicit(plan: _Explicit, feats: tuple[int, ...], fn: Callable[..., Any], x: Array,
-                 r: Array | None, mask: Array | None, per_feature: Any
-                 ) -> tuple[Array, Moments]:
-    """``fn(x, r, mask, per_feature, sync_axes)`` per device over ``plan``'s mesh axes.
-
-    :func:`jaxbn.core.batch_normalize`'s explicit-sharding path with one more full-size
-    input, the residual, sharded like ``x``.
-    """
-    spec_x = P(*(d or None for d in plan.dims))
-    spec_f = P(*(plan.dims[a] or None for a in feats))
-    names = {n for d in plan.dims for n in d}
-
-    def place(v: Any, spec: P) -> Any:
-        if getattr(getattr(jax.typeof(v), "sharding", None), "spec", None) == spec:
-            return v
-        return jax.sharding.reshard(v, NamedSharding(plan.mesh, spec))
-
-    per_feature = jax.tree.map(lambda v: place(v, spec_f), per_feature)
-    spec_m = None
-    if mask is not None:
-        mask = jnp.broadcast_to(mask, (1,) * (x.ndim - mask.ndim) + mask.shape)
-        spec_m = P(*(d or None if mask.shape[a] == x.shape[a] else None
-                     for a, d in enumerate(plan.dims)))
-        mask = place(mask, spec_m)
-    spec_r = None if r is None else spec_x
-    def per_device(x: Array, r: Array | None, m: Array | None, pf: Any
-                   ) -> tuple[Array, Moments]:
-        out: tuple[Array, Moments] = fn(x, r, m, pf, plan.sync)
+        out: tuple[Array, Moments] = _on_explicit(
+            plan, feats, lambda x, m, pf, sync, r: run(x, r, m, pf, sync), x, mask,
+            per_feature, x_out=True, like_x=(r,))
         return out
-
-    run = jax.shard_map(
-        per_device, mesh=plan.mesh,
-        in_specs=(spec_x, spec_r, spec_m, jax.tree.map(lambda _: spec_f, per_feature)),
-        out_specs=(spec_x, spec_f), axis_names=names)
-    out: tuple[Array, Moments] = run(place(x, spec_x), None if r is None else place(r, spec_x),
-                                     mask, per_feature)
-    return out
+    return run(x, r, mask, per_feature, ())
 
 
 # ----------------------------------------------------------------------------------------
