@@ -13,12 +13,15 @@ that the whole run stays under :data:`BUDGET_S` (8 minutes):
 * ``benchmarks.compile_time``: ResNet-18 and LeNet steps compiled with each BN in fresh
   processes (both orders, set-up outside the timed compile; trace, lowering, XLA compile),
   then with XLA:GPU's autotuning off, the fusion autotuner off and compilation statistics;
+* ``benchmarks.resnet --fused``: the same steps with BatchNorm fused into ``BatchNormAct``
+  against flax and unfused jaxbn, temporary memory and time (bfloat16 first);
 * ``benchmarks.resnet``: ResNet-18 (CIFAR, batch 64) and ResNet-50 (64x64, batch 32) steps,
   float32 and bfloat16: jaxbn vs flax time and temporary memory, images/s vs PyTorch
   channels-last and NCHW.
 
 It writes ``benchmarks/results/gpu.json`` (``--json``) holding each benchmark's own JSON under
-``bn``, ``lenet`` and ``resnet`` with the run's metadata, and prints one summary table.
+``bn``, ``lenet``, ``compile``, ``fused`` and ``resnet`` with the run's metadata, and prints
+one summary table.
 ``--cpu-smoke`` runs the same path on the CPU with tiny sizes (to test the script where no
 GPU is available); it never writes the default GPU file.
 """
@@ -49,7 +52,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], int]] = {
            ["--shapes", "128,12,12,20;256,32,32,64;256,56,56,128", "--repeats", "9",
             "--sample-ms", "10", "--no-memory"],
            ["--shapes", "16,4,4,8", "--repeats", "2", "--sample-ms", "1", "--warmup", "1"],
-           120),
+           100),
     # Eager PyTorch only: torch.compile's first compiles alone would take most of the budget.
     "lenet": ("benchmarks.lenet", ["--batch-sizes", "128,1024", "--peers", "torch_nchw,torch_cl",
                                    "--rounds", "7", "--sample-ms", "50", "--settle-ms", "0"],
@@ -59,13 +62,21 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str], int]] = {
     # processes, then XLA:GPU's autotuning off, the fusion autotuner off, and its compilation
     # statistics; it writes its JSON after every process and stops within its budget.
     "compile": ("benchmarks.compile_time",
-                ["--models", "resnet18,lenet", "--budget-s", "110",
+                ["--models", "resnet18,lenet", "--budget-s", "90",
                  "--variants", "default,autotune0,no_fusion_autotuner,stats"],
-                ["--quick", "--models", "lenet", "--variants", "default,stats"], 120),
+                ["--quick", "--models", "lenet", "--variants", "default,stats"], 100),
+    # BatchNorm fused with its activation (BatchNormAct) against flax and unfused jaxbn:
+    # temporary memory and time, without the largest-batch search (compiles only, several
+    # per variant). It writes its JSON after every configuration, as "resnet" does.
+    "fused": ("benchmarks.resnet",
+              ["--fused", "--no-max-batch", "--no-torch", "--models", "resnet18,resnet50",
+               "--dtypes", "bfloat16,float32", "--rounds", "3", "--sample-ms", "50"],
+              ["--fused", "--quick", "--no-max-batch", "--no-torch", "--models", "resnet18",
+               "--dtypes", "bfloat16", "--rounds", "1"], 100),
     # Last, and it writes its JSON after every configuration: a time-out keeps what ran.
     "resnet": ("benchmarks.resnet", ["--rounds", "7", "--sample-ms", "50"],
                ["--quick", "--models", "resnet18", "--dtypes", "float32", "--rounds", "1"],
-               160),
+               100),
 }
 
 
@@ -180,6 +191,11 @@ def print_summary(data: dict[str, Any], out=sys.stdout) -> None:
         from benchmarks import compile_time
 
         compile_time.print_table(compile_data, out=out)
+    fused = data.get("fused", {}).get("data")
+    if fused and fused.get("results"):
+        from benchmarks import resnet
+
+        resnet.print_fused_table(fused, out=out)
     rows = model_rows(data.get("lenet", {}).get("data"), data.get("resnet", {}).get("data"))
     if rows:
         print("\nTraining steps: images/s, ours vs PyTorch's best layout (speed > 1: ours "

@@ -541,11 +541,29 @@ def show(paths: Sequence[Path]) -> dict[str, Any]:
 # --fused: BatchNorm fused with its activation and the residual add (jaxbn.linen.BatchNormAct).
 
 
-def _compile_memory(model: Any, batch: int, size: int) -> dict[str, Any]:
+#: XLA:CPU's two instruction schedulers, compile modes of the --fused memory columns. XLA:CPU
+#: orders a program for concurrency by default; its memory-optimized scheduler (XLA's
+#: list, DFS and post-order heuristics, the least peak of the three) is a compiler option
+#: (``jax.jit(...).lower(...).compile(compiler_options=...)``). Neither dominates: each
+#: variant's memory is taken at its better one, so flax's is its strongest. Other
+#: platforms have one column, their compiler's default.
+CPU_SCHEDULERS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "memory": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"},
+}
+
+
+def _schedulers(platform: str) -> dict[str, dict[str, Any]]:
+    return CPU_SCHEDULERS if platform == "cpu" else {"default": {}}
+
+
+def _compile_memory(model: Any, batch: int, size: int,
+                    options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Compiles ``model``'s step at ``batch`` (no run): its memory, from ``memory_analysis``.
 
     ``total`` is what the step holds at its peak: temporaries plus arguments (the step
     donates its state, so every output but the loss reuses an argument's buffer).
+    ``options`` are XLA compiler options (:data:`CPU_SCHEDULERS`).
     """
     import jax
     import jax.numpy as jnp
@@ -557,39 +575,44 @@ def _compile_memory(model: Any, batch: int, size: int) -> dict[str, Any]:
                                x)
     opt_state = jax.eval_shape(tx.init, variables["params"])
     mem = step.lower(variables["params"], variables["batch_stats"], opt_state, x,
-                     labels).compile().memory_analysis()
+                     labels).compile(compiler_options=options or None).memory_analysis()
     total = mem.temp_size_in_bytes + mem.argument_size_in_bytes
     return {"batch": batch, "temp_bytes": int(mem.temp_size_in_bytes), "total_bytes": int(total)}
 
 
-def _max_batch(model: Any, size: int, budget: int, at: dict[str, Any]) -> dict[str, Any]:
+def _max_batch(model: Any, size: int, budget: int, at: dict[str, Any],
+               options: dict[str, Any] | None = None) -> dict[str, Any]:
     """The largest batch whose step's ``total`` memory fits ``budget`` (compile only).
 
-    Memory is affine in the batch: fitted through ``at`` (one compiled batch) and half that
-    batch, the prediction is then checked by compiling it, and stepped down by 2% until it
-    fits (or up while the next batch fits). Returns the batch and the compiles it took.
+    Memory is close to affine in the batch: fitted through ``at`` (one compiled batch) and
+    half that batch, the prediction is then checked by compiling it, and stepped down by 2%
+    until it fits. Returns the batch and the compiles it took.
     """
-    half = _compile_memory(model, max(at["batch"] // 2, 1), size)
+    half = _compile_memory(model, max(at["batch"] // 2, 1), size, options)
     slope = (at["total_bytes"] - half["total_bytes"]) / max(at["batch"] - half["batch"], 1)
     b = max(int((budget - (at["total_bytes"] - slope * at["batch"])) / max(slope, 1)), 1)
     checked = [half]
-    mem = _compile_memory(model, b, size)
+    mem = _compile_memory(model, b, size, options)
     checked.append(mem)
     while mem["total_bytes"] > budget and b > 1:
         b = max(int(b * 0.98), 1)
-        mem = _compile_memory(model, b, size)
+        mem = _compile_memory(model, b, size, options)
         checked.append(mem)
     return {"max_batch": b, "checked": checked}
 
 
 def run_fused_config(name: str, dtype_name: str, args: argparse.Namespace,
-                     guard: harness.LoadGuard) -> dict[str, Any]:
+                     guard: harness.LoadGuard, platform: str = "cpu") -> dict[str, Any]:
     """Memory, time and the largest batch in a budget: flax, jaxbn, fused and inplace.
 
     ``fused`` (ReLU, the same model) and ``inplace`` (leaky ReLU, In-Place ABN) are the
-    :data:`FUSED` choices of :func:`flax_resnet`. Temporary memory is relative to flax's;
-    time is relative to unfused jaxbn's (paired rounds, :func:`harness.interleaved`); the
-    budget is flax's whole step at the batch given, so flax's largest batch is that batch.
+    :data:`FUSED` choices of :func:`flax_resnet`. Each variant's step is compiled under each
+    scheduler of :data:`CPU_SCHEDULERS`; its ``best`` is the one with the least peak
+    (``total``), and memory ratios compare bests, so flax's is its strongest. The budget is
+    flax's best whole step at the batch given (flax's largest batch is that batch); each
+    other variant's largest batch is found at its best scheduler. Time is measured with
+    the default scheduler, relative to unfused jaxbn's (paired rounds,
+    :func:`harness.interleaved`).
     """
     import jax.numpy as jnp
     import numpy as np
@@ -600,7 +623,9 @@ def run_fused_config(name: str, dtype_name: str, args: argparse.Namespace,
     x = jnp.asarray(rng.normal(0.0, 1.0, (batch, size, size, 3)).astype(np.float32))
     labels = jnp.asarray(rng.integers(0, NUM_CLASSES, batch).astype(np.int32))
     dtype = jnp.dtype(dtype_name)
-    rec: dict[str, Any] = {"model": name, "dtype": dtype_name, "batch": batch}
+    schedulers = _schedulers(platform)
+    rec: dict[str, Any] = {"model": name, "dtype": dtype_name, "batch": batch,
+                           "schedulers": schedulers}
     runners: dict[str, Callable[[], None]] = {}
     models = {}
     for norm in ("flax", "jaxbn", *FUSED):
@@ -611,6 +636,9 @@ def run_fused_config(name: str, dtype_name: str, args: argparse.Namespace,
         if norm != "flax":
             runners[norm] = runner
         r["total_bytes"] = r["temp_bytes"] + r["argument_bytes"]
+        r["memory"] = {sched: _compile_memory(models[norm], batch, size, options)
+                       for sched, options in schedulers.items()}
+        r["best"] = min(r["memory"], key=lambda k: r["memory"][k]["total_bytes"])
         rec[norm] = r
     # fused is the same model as jaxbn: the same first loss to float rounding.
     a, b = rec["fused"]["first_loss"], rec["jaxbn"]["first_loss"]
@@ -621,26 +649,30 @@ def run_fused_config(name: str, dtype_name: str, args: argparse.Namespace,
                               guard=guard, label=f"{name} {dtype_name} fused")
     rec.update(res.stats())
     rec["reliable"] = all(f <= guard.max_foreign_cores for f in res.foreign_cores)
-    budget = rec["flax"]["total_bytes"]
+    flax_best = rec["flax"]["memory"][rec["flax"]["best"]]
+    budget = flax_best["total_bytes"]
     rec["budget_bytes"] = budget
-    for norm in FUSED:
-        at = {"batch": batch, "total_bytes": rec[norm]["total_bytes"]}
-        rec[norm].update(_max_batch(models[norm], size, budget, at))
+    for norm in ("jaxbn", *FUSED) if args.max_batch else ():
+        best = rec[norm]["best"]
+        at = {"batch": batch, "total_bytes": rec[norm]["memory"][best]["total_bytes"]}
+        rec[norm].update(_max_batch(models[norm], size, budget, at, schedulers[best]))
     return rec
 
 
 def print_fused_table(data: dict[str, Any], out=sys.stdout) -> None:
-    """The --fused results: memory and batch relative to flax, time relative to jaxbn."""
+    """The --fused results: memory and batch relative to flax's best, time to jaxbn's."""
     print(f"\n== ResNet step with BatchNorm fused into BatchNormAct on "
           f"{harness.machine_name(data['meta']['machine'])}; reliable="
-          f"{data['meta']['reliable']}", file=out)
-    print("   temp = compiled step's temporary MiB (ratio to flax's); time = median of paired "
-          "rounds / unfused jaxbn's [q1, q3]; max batch = largest batch whose whole step "
-          "fits flax's at the given batch (ratio to it)", file=out)
-    head = ["model", "dtype", "batch", "variant", "temp MiB", "temp/flax", "ms",
+          f"{data['meta'].get('reliable')}", file=out)
+    print("   temp = compiled step's temporary MiB under each XLA scheduler (default / "
+          "memory-optimized); best/flax = the variant's least temp / flax's least; time = "
+          "median of paired rounds / unfused jaxbn's [q1, q3] (default scheduler); max batch "
+          "= largest batch whose whole step fits flax's best at the given batch", file=out)
+    head = ["model", "dtype", "batch", "variant", "temp MiB", "best/flax", "ms",
             "time/jaxbn [q1, q3]", "max batch", "batch/flax"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in data["results"]:
+        flax_temp = min(m["temp_bytes"] for m in r["flax"]["memory"].values())
         for norm in ("flax", "jaxbn", *FUSED):
             v = r[norm]
             ratio = r["ratio"].get(norm, {})
@@ -652,10 +684,11 @@ def print_fused_table(data: dict[str, Any], out=sys.stdout) -> None:
                              f"{1 / ratio['q1']:.2f}]")
             ms = r["ms"].get(norm, {}).get("median")
             mb = {"flax": r["batch"]}.get(norm, v.get("max_batch"))
+            temps = [m["temp_bytes"] for m in v["memory"].values()]
             lines.append("| " + " | ".join([
                 r["model"], r["dtype"], str(r["batch"]), norm,
-                f"{v['temp_bytes'] / 2**20:.1f}",
-                f"{v['temp_bytes'] / max(r['flax']['temp_bytes'], 1):.2f}",
+                " / ".join(f"{t / 2**20:.0f}" for t in temps),
+                f"{min(temps) / max(flax_temp, 1):.2f}",
                 harness.fmt(ms, ".0f"), time_cell, str(mb) if mb else "-",
                 f"{mb / r['batch']:.2f}" if mb else "-"]) + " |")
     print("\n".join(lines), file=out)
@@ -672,16 +705,22 @@ def fused_main(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[str
     for name in filter(None, args.models.split(",")):
         for dtype_name in filter(None, args.dtypes.split(",")):
             t0 = time.perf_counter()
-            records.append(run_fused_config(name, dtype_name, args, guard))
+            records.append(run_fused_config(name, dtype_name, args, guard, platform))
             print(f"  {name} {dtype_name}: {time.perf_counter() - t0:.0f} s", flush=True)
+            # After every configuration: a run stopped by a time limit keeps what it measured.
+            _write_json({"meta": {**meta, "complete": False}, "results": records}, args.json)
     meta.update(guard=guard.report(), complete=True)
     meta["reliable"] = meta["guard"]["reliable"]
     data = {"meta": meta, "results": records}
     print_fused_table(data)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(data, indent=1))
+    _write_json(data, args.json)
     print(f"# wrote {args.json}", flush=True)
     return data
+
+
+def _write_json(data: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=1))
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -705,6 +744,9 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="instead: flax, jaxbn and the fused BatchNormAct variants (fused, "
                          "inplace): temporary memory, time against jaxbn, and the largest "
                          "batch within flax's memory (JSON default: results/resnet_fused.json)")
+    ap.add_argument("--no-max-batch", dest="max_batch", action="store_false",
+                    help="--fused: leave out the search for the largest batch (compiles only; "
+                         "several per variant)")
     harness.add_model_args(ap, DEFAULT_JSON)
     args = ap.parse_args(argv)
     if args.fused and args.json == DEFAULT_JSON:
@@ -777,8 +819,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def _write(data: dict[str, Any], path: Path) -> None:
     print_table(data)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=1))
+    _write_json(data, path)
     print(f"# wrote {path}", flush=True)
 
 
