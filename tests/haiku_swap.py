@@ -12,15 +12,8 @@ module.
 
 from __future__ import annotations
 
-import json
-import os
-from typing import Any
-
 import pytest
-
-_current: list[str | None] = [None]
-_built: set[str] = set()
-_outcomes: dict[str, str] = {}
+from swap_report import SwapReport
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -30,34 +23,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
     import jaxbn.haiku
 
+    report = SwapReport("JAXBN_HAIKU_REPORT")
+    config.pluginmanager.register(report, "jaxbn_swap_report")
     haiku.BatchNorm = jaxbn.haiku.BatchNorm
     batch_norm.BatchNorm = jaxbn.haiku.BatchNorm
-    init = jaxbn.haiku.BatchNorm.__init__
-
-    def recorded(self: Any, *args: Any, **kwargs: Any) -> None:
-        if _current[0] is not None:
-            _built.add(_current[0])
-        init(self, *args, **kwargs)
-
-    jaxbn.haiku.BatchNorm.__init__ = recorded
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Any:
-    _current[0] = item.nodeid
-    yield
-    _current[0] = None
-
-
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    counts = report.failed or report.when == "call" or report.skipped
-    if counts and _outcomes.get(report.nodeid) in (None, "passed"):
-        _outcomes[report.nodeid] = report.outcome
-
-
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    path = os.environ.get("JAXBN_HAIKU_REPORT")
-    if path:
-        report = {k: {"outcome": v, "jaxbn": k in _built} for k, v in _outcomes.items()}
-        with open(path, "w") as f:
-            json.dump(report, f, indent=1, sort_keys=True)
+    jaxbn.haiku.BatchNorm.__init__ = report.record(jaxbn.haiku.BatchNorm.__init__)
