@@ -7,6 +7,11 @@ from tests import compile_cache
 
 NUM_DEVICES = 8
 
+# pytest plugins that other tests load into a framework's own test run (-p flax_swap, with
+# this directory on the path), not modules of this suite: --doctest-modules would import
+# them as tests.flax_swap, where their top-level import of swap_report fails.
+collect_ignore = ["flax_swap.py", "haiku_swap.py", "swap_report.py"]
+
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (
         os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={NUM_DEVICES}"
