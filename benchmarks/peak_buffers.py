@@ -44,9 +44,9 @@ from benchmarks import resnet
 class Buffer(NamedTuple):
     """One value live at the peak: its bytes, HLO name, shape, group and layer.
 
-    ``temp``: whether it lives in the step's temporary allocation (what
-    ``temp_size_in_bytes`` counts), at ``offset``; otherwise in an argument's donated buffer
-    or an output's.
+    ``offset``: where it lives in the step's temporary allocation (what
+    ``temp_size_in_bytes`` counts), or ``None`` when it lives in an argument's donated
+    buffer or an output's.
     """
 
     size: int
@@ -54,8 +54,12 @@ class Buffer(NamedTuple):
     shape: str
     group: str
     layer: str
-    temp: bool
-    offset: int = 0
+    offset: int | None
+
+    @property
+    def temp(self) -> bool:
+        """Whether the value lives in the temporary allocation."""
+        return self.offset is not None
 
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\S+) (\w[\w-]*)\(")
@@ -63,18 +67,17 @@ _OP_NAME = re.compile(r'op_name="([^"]*)"')
 _LAYER = re.compile(r"/((?:BatchNormAct|BatchNorm|Conv|Dense)_\d+)/")
 _LIVE = re.compile(r"^\s*(\S+?)\{[^}]*\}: (\d+) bytes")
 _ALLOCATION = re.compile(r"^allocation \d+: .*$", re.M)
-_VALUE = re.compile(r"value: <\d+ (\S+?)(?:\{[^}]*\})? @\d+> \(size=(\d+),offset=(\d+)\)")
+_VALUE = re.compile(r"value: <\d+ (\S+?)(?:\{[^}]*\})? @\d+> \(size=\d+,offset=(\d+)\)")
 
 
-def _temp_values(assignment: str) -> dict[str, tuple[int, int]]:
-    """``name -> (offset, size)`` of the values XLA placed in the temporary allocation."""
+def _temp_offsets(assignment: str) -> dict[str, int]:
+    """``name -> offset`` of the values XLA placed in the temporary allocation."""
     heads = list(_ALLOCATION.finditer(assignment))
-    out: dict[str, tuple[int, int]] = {}
+    out: dict[str, int] = {}
     for head, nxt in zip(heads, [*heads[1:], None], strict=True):
         if "preallocated-temp" in head.group(0):
             block = assignment[head.end():nxt.start() if nxt else len(assignment)]
-            for name, size, offset in _VALUE.findall(block):
-                out[name] = (int(offset), int(size))
+            out.update((name, int(offset)) for name, offset in _VALUE.findall(block))
     return out
 
 
@@ -85,7 +88,8 @@ def occupied(rows: Sequence[Buffer]) -> int:
     instruction that makes it both are live.
     """
     total, end = 0, 0
-    for start, stop in sorted((r.offset, r.offset + r.size) for r in rows if r.temp):
+    for start, stop in sorted((r.offset, r.offset + r.size) for r in rows
+                              if r.offset is not None):
         if stop > end:
             total += stop - max(start, end)
             end = stop
@@ -124,9 +128,9 @@ def classify(name: str, opcode: str, op_name: str) -> tuple[str, str]:
 def peak_buffers(dump: Path) -> tuple[int, list[Buffer]]:
     """The peak's position and the values live there, from one step's XLA dump."""
     live_range = next(dump.glob("*jit_step.*after_optimizations-live-range.txt")).read_text()
-    hlo = next(p for p in dump.glob("*jit_step.*after_optimizations.txt")).read_text()
+    hlo = next(dump.glob("*jit_step.*after_optimizations.txt")).read_text()
     assignment = next(dump.glob("*jit_step.*after_optimizations-buffer-assignment.txt"))
-    temp = _temp_values(assignment.read_text())
+    offsets = _temp_offsets(assignment.read_text())
     instrs = _entry_instructions(hlo)
     head = re.search(r"Live ranges at (\d+) \(peak\):", live_range)
     if head is None:
@@ -141,9 +145,8 @@ def peak_buffers(dump: Path) -> tuple[int, list[Buffer]]:
         name, size = m.group(1), int(m.group(2))
         shape, opcode, op_name = instrs.get(name, ("?", "?", ""))
         group, layer = classify(name, opcode, op_name)
-        rows.append(Buffer(size, name, shape, group, layer, name in temp,
-                           temp.get(name, (0, 0))[0]))
-    return int(head.group(1)), sorted(rows, reverse=True)
+        rows.append(Buffer(size, name, shape, group, layer, offsets.get(name)))
+    return int(head.group(1)), sorted(rows, key=lambda r: (r.size, r.name), reverse=True)
 
 
 def analyse(model_name: str, norm: str, dtype_name: str, batch: int,

@@ -238,12 +238,6 @@ def test_fused_resnet_is_the_jaxbn_resnet():
     np.testing.assert_allclose(losses["fused"], losses["jaxbn"], rtol=1e-6)
 
 
-def _tiny_resnet(norm: str):
-    import jax.numpy as jnp
-
-    return resnet.flax_resnet("resnet18", norm=norm, dtype=jnp.float32, width=16, blocks=1)
-
-
 def test_the_memory_scheduler_option_reaches_xla():
     """--fused's second memory column is compiled by XLA:CPU's memory-optimized scheduler.
 
@@ -251,7 +245,9 @@ def test_the_memory_scheduler_option_reaches_xla():
     needs 34 MiB of temporaries with the default (concurrency-optimized) scheduler and 19 with
     the memory-optimized one, so the two columns must differ.
     """
-    model = _tiny_resnet("flax")
+    import jax.numpy as jnp
+
+    model = resnet.flax_resnet("resnet18", norm="flax", dtype=jnp.float32, width=16, blocks=1)
     default, memory = (resnet._compile_memory(model, 32, 32, options)["temp_bytes"]
                        for options in resnet.CPU_SCHEDULERS.values())
     assert memory < 0.8 * default, (default, memory)
@@ -268,7 +264,8 @@ def test_peak_buffers_lists_what_is_live_at_the_peak():
     # (the peak is what sized it).
     live = peak_buffers.occupied(res["buffers"])
     assert 0.5 * res["memory"]["temp_bytes"] < live <= res["memory"]["temp_bytes"]
-    assert all(b.offset + b.size <= res["memory"]["temp_bytes"] for b in temps)
+    assert all(b.offset is not None and b.offset + b.size <= res["memory"]["temp_bytes"]
+               for b in temps)
     assert {b.group for b in res["buffers"]} <= {"forward", "backward", "layout copy",
                                                  "unattributed", "update", "argument"}
     # In-Place ABN keeps each BatchNormAct's output (batch 32 x 32 x 32 x 16 float32, 2 MiB).
