@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # `make test-min`: the tests against the oldest releases jaxbn supports.
 #
-# Creates .venv-min, installs jaxbn's dependencies (extras flax, torch, equinox, haiku, train, test) with every
-# lower bound of pyproject.toml pinned exactly (scripts/min-versions.txt), checks that pip
-# installed those versions, and runs the test suite there, as `make test` does. The tests import jaxbn from the checkout. Idempotent: reinstalls only when
-# pyproject.toml or scripts/min-versions.txt changed. PYTHON picks the interpreter (default
-# python3); PYTEST_WORKERS and PYTEST_ARGS as for `make test`.
+# Creates .venv-min, installs jaxbn's dependencies (extras flax, torch, equinox, haiku,
+# train, test) with every lower bound of pyproject.toml pinned exactly
+# (scripts/min-versions.txt), checks that pip installed those versions, and runs the test
+# suite there, as `make test` does. The tests import jaxbn from the checkout. Idempotent:
+# reinstalls only when pyproject.toml or scripts/min-versions.txt changed. PYTHON picks the
+# interpreter (default python3); PYTEST_WORKERS and PYTEST_ARGS as for `make test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
